@@ -1,0 +1,44 @@
+# kubetune: `make demo` runs the tiny pipeline here, `make test` runs every test.
+# Both set themselves up on a fresh machine (a virtual environment in .venv, the local
+# control plane's binaries in ~/.cache/kubetune).
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTEST  := $(PY) -m pytest
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test unit e2e crds check lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m pip install --quiet --disable-pip-version-check uv
+	test -x $(PY) || python3 -m uv venv --quiet --python python3 $(VENV)
+	python3 -m uv pip install --quiet --python $(PY) -e '.[operator,trainer,dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m kubetune_trainer.data.synthetic --out examples/data
+	rm -rf runs/pipeline-tiny
+	$(VENV)/bin/kubetune run examples/pipeline-tiny.yaml
+	$(PY) -m kubetune_trainer.demo runs/pipeline-tiny
+
+test: setup check unit e2e
+
+check: setup
+	$(VENV)/bin/kubetune crds --check
+	$(VENV)/bin/kubetune validate examples/*.yaml
+	$(PY) -m mypy
+
+unit: setup
+	$(PYTEST) tests
+
+e2e: setup
+	$(PYTEST) e2e
+
+crds: setup
+	$(VENV)/bin/kubetune crds
+
+clean:
+	rm -rf runs examples/data

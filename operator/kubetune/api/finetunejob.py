@@ -1,0 +1,431 @@
+"""FineTuneJob (kubetune.io/v1alpha1, short name `ftj`): a bounded pipeline of training stages.
+
+The models here are the single source of truth: `kubetune crds` renders them into the CRD
+schema (with the CEL rules attached through `rules(...)`), `kubetune validate` checks
+manifests against them offline, and the operator and the local runner read specs with them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from kubetune.api.meta import (
+    API_VERSION,
+    DNS_LABEL,
+    URI_PATTERN,
+    Condition,
+    KubeModel,
+    ObjectMeta,
+    cel,
+    rules,
+)
+
+StageType = Literal[
+    "pretrain",
+    "sft",
+    "reward",
+    "ppo",
+    "dpo",
+    "kto",
+    "grpo",
+    "imageClassification",
+    "clip",
+    "diffusion",
+    "asr",
+    "audioPretrain",
+]
+DatasetFormat = Literal[
+    "text",
+    "promptCompletion",
+    "messages",
+    "preference",
+    "unpairedPreference",
+    "imageLabel",
+    "imageCaption",
+    "audioTranscript",
+    "audio",
+]
+
+ShortString = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+# Which dataset formats each stage type reads. The CRD's CEL rule, `kubetune validate` and the
+# trainer's dispatch all use this one table.
+FORMATS_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "pretrain": ("text",),
+    "sft": ("text", "promptCompletion", "messages"),
+    "reward": ("preference",),
+    "ppo": ("promptCompletion", "messages"),
+    "dpo": ("preference",),
+    "kto": ("unpairedPreference", "preference"),
+    "grpo": ("promptCompletion", "messages"),
+    "imageClassification": ("imageLabel",),
+    "clip": ("imageCaption",),
+    "diffusion": ("imageCaption",),
+    "asr": ("audioTranscript",),
+    "audioPretrain": ("audio",),
+}
+# Stage types that may read a PreferenceDataset.
+PREFERENCE_STAGES: tuple[str, ...] = ("reward", "dpo", "kto")
+# Stage types whose recipe the trainer has today; the others are accepted by the schema and
+# refused by the runner and the operator with a "not implemented yet" error.
+IMPLEMENTED_STAGES: tuple[str, ...] = ("pretrain", "sft", "reward", "dpo", "kto")
+# Stage-type blocks: `spec.stages[].<block>` is allowed only on the stage type of that name.
+TYPE_BLOCKS: tuple[str, ...] = ("sft", "reward", "dpo", "kto", "ppo", "grpo")
+
+
+def _cel_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{i}'" for i in items) + "]"
+
+
+def _formats_rule() -> str:
+    table = ", ".join(f"'{t}': {_cel_list(f)}" for t, f in FORMATS_BY_STAGE.items())
+    return f"!has(self.dataset.format) || self.dataset.format in {{{table}}}[self.type]"
+
+
+def _formats_message() -> str:
+    parts = [f"{t} takes {' or '.join(f)}" for t, f in FORMATS_BY_STAGE.items()]
+    return "dataset.format does not suit the stage type: " + "; ".join(parts) + "."
+
+
+# --- the model a pipeline starts from -----------------------------------------------------
+
+
+class TokenizerTrain(KubeModel):
+    vocab_size: int = Field(
+        default=8000, ge=256, le=262144, description="Vocabulary size of the byte-level BPE tokenizer to train."
+    )
+    min_frequency: int = Field(
+        default=2, ge=1, le=1000, description="Minimum count for a merge to enter the vocabulary."
+    )
+
+
+class TokenizerInit(KubeModel, json_schema_extra=rules(
+    cel("has(self.uri) != has(self.train)", "set exactly one of tokenizer.uri or tokenizer.train"),
+)):
+    uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Use an existing tokenizer from this uri (hf://, s3://, pvc://, file://).",
+    )
+    train: TokenizerTrain | None = Field(
+        default=None, description="Train a byte-level BPE tokenizer on the first stage's text data."
+    )
+
+
+class ModelInit(KubeModel):
+    architecture: Literal["llama", "qwen2", "gpt2"] = Field(
+        default="llama", description="Architecture to build from a config (Hugging Face model type)."
+    )
+    hidden_size: int = Field(default=64, ge=8, le=65536, description="Width of the hidden states.")
+    num_layers: int = Field(default=2, ge=1, le=256, description="Number of transformer blocks.")
+    num_heads: int = Field(default=4, ge=1, le=512, description="Number of attention heads.")
+    num_key_value_heads: int | None = Field(
+        default=None, ge=1, le=512, description="Key/value heads for grouped-query attention (default: numHeads)."
+    )
+    intermediate_size: int | None = Field(
+        default=None, ge=8, le=262144, description="Width of the MLP (default: 4 x hiddenSize, or 8/3 x for llama)."
+    )
+    max_position_embeddings: int = Field(
+        default=512, ge=16, le=1048576, description="Longest sequence the model can attend over."
+    )
+    tokenizer: TokenizerInit = Field(description="The tokenizer: an existing one, or one trained on the data.")
+
+
+class ModelSource(KubeModel, json_schema_extra=rules(
+    cel("has(self.uri) != has(self.init)", "set exactly one of spec.model.uri (start from a model) or spec.model.init (pretrain from scratch)"),
+    cel("self == oldSelf", "spec.model is immutable; create a new FineTuneJob to train another model"),
+)):
+    uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Model to start from: hf://org/name, s3://bucket/path, pvc://claim/path or file:///path.",
+    )
+    init: ModelInit | None = Field(default=None, description="Build a new model from a config and pretrain it from scratch.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow the model's own Python code from its repository to run. Off unless you trust it."
+    )
+
+
+# --- one stage ----------------------------------------------------------------------------
+
+
+class PreferenceDatasetRef(KubeModel):
+    name: str = Field(pattern=DNS_LABEL, max_length=253, description="Name of a PreferenceDataset in the job's namespace.")
+
+
+class DatasetSpec(KubeModel, json_schema_extra=rules(
+    cel("has(self.uri) != has(self.preferenceDatasetRef)", "set exactly one of dataset.uri or dataset.preferenceDatasetRef"),
+    cel("!has(self.uri) || has(self.format)", "dataset.format is required with dataset.uri"),
+)):
+    uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Data file or folder (JSONL, JSON, Parquet, CSV or a datasets folder): file://, pvc://, s3:// or hf://.",
+    )
+    format: DatasetFormat | None = Field(default=None, description="How the rows are shaped.")
+    preference_dataset_ref: PreferenceDatasetRef | None = Field(
+        default=None, description="Read a validated PreferenceDataset instead of a uri (reward, dpo and kto stages)."
+    )
+    columns: dict[str, str] | None = Field(
+        default=None, description="Rename columns to the format's names, e.g. {prompt: question, completion: answer}."
+    )
+    validation_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048, description="Held-out rows for evaluation, in the same format."
+    )
+    validation_fraction: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="Hold out this fraction of the rows for evaluation when no validationUri is set."
+    )
+
+
+class LoraSpec(KubeModel):
+    r: int = Field(default=8, ge=1, le=1024, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(default=16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, le=0.9, description="Dropout on the LoRA input.")
+    target_modules: list[ShortString] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=64,
+        description="Module names to adapt, or all-linear for every linear layer but the output head.",
+    )
+    use_dora: bool = Field(default=False, description="Use DoRA (weight-decomposed LoRA).")
+
+
+class TuningSpec(KubeModel, json_schema_extra=rules(
+    cel("!has(self.lora) || self.method != 'full'", "tuning.lora is only for tuning.method lora or qlora"),
+)):
+    method: Literal["full", "lora", "qlora"] = Field(
+        default="full", description="full: train every weight; lora: train adapters; qlora: adapters on a 4-bit (nf4) base."
+    )
+    lora: LoraSpec | None = Field(default=None, description="LoRA settings (lora and qlora; defaults apply when left out).")
+
+
+class Hyperparameters(KubeModel):
+    epochs: float = Field(default=1.0, gt=0, le=10000, description="Passes over the training data (ignored when maxSteps is set).")
+    max_steps: int | None = Field(default=None, ge=1, le=100000000, description="Stop after this many optimizer steps.")
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Peak learning rate. Default per stage: pretrain 3e-4, sft/reward 2e-5 (2e-4 with LoRA), dpo/kto 1e-6 (5e-6 with LoRA).",
+    )
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches summed per optimizer step.")
+    max_length: int = Field(default=1024, ge=8, le=1048576, description="Longest tokenized example; longer ones are truncated.")
+    packing: bool = Field(default=False, description="Pack several examples into each sequence of maxLength tokens.")
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Fraction of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="linear", description="Shape of the learning-rate schedule."
+    )
+    seed: int = Field(default=42, ge=0, le=2147483647, description="Seed for weights, data order and dropout.")
+    save_steps: int = Field(default=50, ge=1, le=100000000, description="Write a checkpoint every this many steps.")
+    save_total_limit: int = Field(default=2, ge=1, le=100, description="Checkpoints to keep; older ones are deleted.")
+    logging_steps: int = Field(default=5, ge=1, le=100000, description="Report metrics every this many steps.")
+    eval_steps: int | None = Field(default=None, ge=1, le=100000000, description="Evaluate on held-out data every this many steps.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass to save memory.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="Compute precision; auto is bf16 on GPUs that have it and fp32 on CPU."
+    )
+
+
+class SftSpec(KubeModel):
+    completion_only_loss: bool = Field(
+        default=True, description="Compute the loss on completions / assistant turns only, not on prompts."
+    )
+    chat_template: str | None = Field(
+        default=None, max_length=65536,
+        description="Jinja chat template for messages data; default: the model's own, else kubetune's ChatML template.",
+    )
+
+
+class RewardSpec(KubeModel):
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, le=1, description="Pull the mean reward toward zero with this weight (TRL RewardConfig)."
+    )
+
+
+class DpoSpec(KubeModel):
+    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the pull toward the reference model.")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        default="sigmoid", description="sigmoid: DPO; ipo: IPO; hinge: SLiC-style hinge loss."
+    )
+    label_smoothing: float = Field(default=0.0, ge=0, le=0.5, description="Assumed rate of flipped preference labels (cDPO).")
+
+
+class KtoSpec(KubeModel):
+    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the pull toward the reference model.")
+    desirable_weight: float = Field(default=1.0, gt=0, le=100, description="Weight of desirable completions in the loss.")
+    undesirable_weight: float = Field(default=1.0, gt=0, le=100, description="Weight of undesirable completions in the loss.")
+
+
+class PpoSpec(KubeModel):
+    reward_model_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Reward model to score completions (default: the output of the job's last reward stage).",
+    )
+    kl_coef: float = Field(default=0.05, ge=0, le=10, description="Weight of the KL penalty against the reference model.")
+
+
+class GrpoSpec(KubeModel):
+    num_generations: int = Field(default=8, ge=2, le=256, description="Completions sampled per prompt.")
+    max_completion_length: int = Field(default=256, ge=1, le=131072, description="Longest sampled completion in tokens.")
+    reward_functions: list[ShortString] = Field(
+        default_factory=lambda: ["exactMatch"], max_length=16,
+        description="Built-in reward functions scoring each completion against the row's reference.",
+    )
+
+
+class Toleration(KubeModel):
+    key: str | None = Field(default=None, max_length=316, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists matches any value; Equal matches value.")
+    value: str | None = Field(default=None, max_length=253, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches every effect."
+    )
+    toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
+
+
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+
+class Resources(KubeModel):
+    nodes: int = Field(default=1, ge=1, le=512, description="Nodes (pods) the stage runs on: one master plus nodes-1 workers.")
+    gpus_per_node: int = Field(default=1, ge=0, le=16, description="GPUs per node; also the processes per node (0: one CPU process).")
+    cpu: str | None = Field(default=None, pattern=QUANTITY, max_length=32, description="CPU request and limit per node, e.g. 16.")
+    memory: str | None = Field(default=None, pattern=QUANTITY, max_length=32, description="Memory request and limit per node, e.g. 200Gi.")
+    shm_size: str = Field(default="16Gi", pattern=QUANTITY, max_length=32, description="Size of the memory-backed /dev/shm.")
+    node_selector: dict[str, str] | None = Field(default=None, description="Labels the nodes must carry.")
+    tolerations: list[Toleration] | None = Field(default=None, max_length=32, description="Taints the pods tolerate.")
+
+
+class DeepSpeedSpec(KubeModel, json_schema_extra=rules(
+    cel("self.offload == 'none' || self.zeroStage >= 2", "deepspeed.offload needs zeroStage 2 or 3"),
+)):
+    zero_stage: int = Field(ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters.")
+    offload: Literal["none", "cpu"] = Field(
+        default="none", description="Offload optimizer states (and parameters with ZeRO-3) to CPU memory."
+    )
+
+
+class DistributedSpec(KubeModel):
+    deepspeed: DeepSpeedSpec | None = Field(default=None, description="Shard training with DeepSpeed ZeRO; without it, plain DDP.")
+
+
+class Stage(KubeModel, json_schema_extra=rules(
+    cel(_formats_rule(), _formats_message()),
+    cel(
+        f"!has(self.dataset.preferenceDatasetRef) || self.type in {_cel_list(PREFERENCE_STAGES)}",
+        "dataset.preferenceDatasetRef is only for reward, dpo and kto stages; use dataset.uri",
+    ),
+    *(cel(f"!has(self.{b}) || self.type == '{b}'", f"the {b} block is only for stages of type {b}") for b in TYPE_BLOCKS),
+)):
+    name: str = Field(pattern=DNS_LABEL, max_length=40, description="Stage name (a DNS label, unique in the job).")
+    type: StageType = Field(description="What the stage trains: the recipe the trainer runs.")
+    dataset: DatasetSpec = Field(description="The stage's training data.")
+    tuning: TuningSpec = Field(default_factory=lambda: TuningSpec(), description="Which weights train.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=lambda: Hyperparameters(), description="Optimisation settings common to every recipe."
+    )
+    sft: SftSpec | None = Field(default=None, description="Settings of sft stages.")
+    reward: RewardSpec | None = Field(default=None, description="Settings of reward stages.")
+    dpo: DpoSpec | None = Field(default=None, description="Settings of dpo stages (DPO, IPO, hinge).")
+    kto: KtoSpec | None = Field(default=None, description="Settings of kto stages.")
+    ppo: PpoSpec | None = Field(default=None, description="Settings of ppo stages.")
+    grpo: GrpoSpec | None = Field(default=None, description="Settings of grpo stages.")
+    resources: Resources = Field(default_factory=lambda: Resources(), description="Where and on how much hardware the stage runs.")
+    distributed: DistributedSpec = Field(
+        default_factory=lambda: DistributedSpec(), description="How the stage shards across processes."
+    )
+
+
+class OutputSpec(KubeModel, json_schema_extra=rules(
+    cel("self == oldSelf", "spec.output is immutable; create a new FineTuneJob to write elsewhere"),
+)):
+    uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Where stages write (<uri>/<stage>/); pvc:// or s3:// on a cluster, default runs/<job> locally.",
+    )
+    merge: bool = Field(default=False, description="Also write the final model with its LoRA adapter merged in.")
+
+
+class PublishSpec(KubeModel):
+    enabled: bool = Field(default=True, description="Create a ModelAdapter (and so a KServe InferenceService) when the job succeeds.")
+    adapter_name: str | None = Field(
+        default=None, pattern=DNS_LABEL, max_length=63, description="Name of the ModelAdapter to create (default: the job's name)."
+    )
+    runtime: Literal["vllm"] = Field(default="vllm", description="Serving runtime of the InferenceService.")
+    gpus: int = Field(default=1, ge=0, le=16, description="GPUs of the serving pod.")
+    share_server: bool = Field(
+        default=True, description="Serve LoRA adapters on the same base model from one InferenceService."
+    )
+
+
+class Queue(KubeModel):
+    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Queue name: a Kueue LocalQueue or a Volcano queue.")
+    provider: Literal["kueue", "volcano"] = Field(default="kueue", description="Which batch scheduler owns the queue.")
+
+
+class RunPolicy(KubeModel):
+    backoff_limit: int | None = Field(default=None, ge=0, le=100, description="Pod restarts before a stage counts as failed.")
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Seconds a stage may run before it is stopped.")
+    suspend: bool = Field(default=False, description="Pause the job: no new stage starts and a running stage is suspended.")
+    queue: Queue | None = Field(default=None, description="Admit stages through a Kueue or Volcano queue.")
+
+
+class FineTuneJobSpec(KubeModel):
+    model: ModelSource = Field(description="Where the first stage starts.")
+    stages: list[Stage] = Field(
+        min_length=1, max_length=16,
+        description="Stages in order; each starts from the previous stage's output.",
+        json_schema_extra=rules(
+            cel("self.all(x, self.exists_one(y, y.name == x.name))", "stage names must be unique"),
+            cel("self == oldSelf", "spec.stages is immutable; create a new FineTuneJob to change the pipeline"),
+        ),
+    )
+    output: OutputSpec = Field(default_factory=lambda: OutputSpec(), description="Where artifacts go.")
+    publish: PublishSpec | None = Field(default=None, description="Serve the result through KServe when the job succeeds.")
+    run_policy: RunPolicy = Field(default_factory=lambda: RunPolicy(), description="Retries, deadlines, suspension and queueing.")
+
+
+# --- status -------------------------------------------------------------------------------
+
+StageState = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class StageStatus(KubeModel):
+    name: str = Field(description="Stage name.")
+    type: str = Field(description="Stage type.")
+    state: StageState = Field(default="Pending", description="Where the stage stands.")
+    job_name: str | None = Field(default=None, description="Name of the stage's PyTorchJob.")
+    start_time: str | None = Field(default=None, description="When the stage started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the stage ended (RFC 3339).")
+    output_uri: str | None = Field(default=None, description="Where the stage wrote its model.")
+    last_checkpoint: str | None = Field(default=None, description="The stage's newest complete checkpoint.")
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
+    metrics: dict[str, float] | None = Field(default=None, description="Key metrics: loss, eval figures, throughput.")
+    message: str | None = Field(default=None, description="Why the stage is in its state.")
+
+
+class FineTuneJobStatus(KubeModel):
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation the status describes.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Accepted, Running, Suspended, Succeeded, Failed, Ready, Reconciling, Stalled.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    current_stage: str | None = Field(default=None, description="The stage running now, or the last one.")
+    progress: str | None = Field(default=None, description="Stages done and the current stage's progress, e.g. 1/3 sft 42%.")
+    stages: list[StageStatus] | None = Field(default=None, description="One entry per stage, in order.")
+    adapter: str | None = Field(default=None, description="Name of the ModelAdapter the job published.")
+
+
+class FineTuneJob(KubeModel):
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, description="kubetune.io/v1alpha1")
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="FineTuneJob")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="The pipeline to run.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Where the pipeline stands.")
+
+
+def stage_by_name(spec: FineTuneJobSpec, name: str) -> Stage:
+    for s in spec.stages:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+

@@ -1,0 +1,57 @@
+"""ModelAdapter (kubetune.io/v1alpha1, short name `adapter`): a trained artifact to serve.
+
+The operator renders it into a KServe InferenceService; LoRA adapters on the same base model
+can share one vLLM server (`--enable-lora` with several `--lora-modules`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kubetune.api.meta import API_VERSION, URI_PATTERN, Condition, KubeModel, ObjectMeta, cel, rules
+
+
+class Serving(KubeModel):
+    runtime: Literal["vllm"] = Field(default="vllm", description="Serving runtime (KServe huggingface format, vLLM backend).")
+    gpus: int = Field(default=1, ge=0, le=16, description="GPUs of the serving pod.")
+    replicas: int = Field(default=1, ge=0, le=100, description="Minimum replicas of the InferenceService.")
+    share_server: bool = Field(
+        default=True, description="Serve this adapter from the InferenceService of its base model with the other adapters."
+    )
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest LoRA rank the shared server accepts.")
+
+
+class ModelAdapterSpec(KubeModel, json_schema_extra=rules(
+    cel("has(self.adapterUri) != has(self.mergedUri)", "set exactly one of adapterUri (a LoRA adapter) or mergedUri (a whole model)"),
+    cel("!has(self.adapterUri) || has(self.baseModelUri)", "adapterUri needs baseModelUri, the model the adapter was trained on"),
+)):
+    base_model_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048, description="The base model the adapter was trained on."
+    )
+    adapter_uri: str | None = Field(default=None, pattern=URI_PATTERN, max_length=2048, description="A PEFT LoRA adapter.")
+    merged_uri: str | None = Field(default=None, pattern=URI_PATTERN, max_length=2048, description="A whole model with weights merged.")
+    served_model_name: str | None = Field(
+        default=None, max_length=253, description="Name clients use in requests (default: the ModelAdapter's name)."
+    )
+    serving: Serving = Field(default_factory=lambda: Serving(), description="How it is served.")
+
+
+class ModelAdapterStatus(KubeModel):
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation the status describes.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Ready mirrors the InferenceService's readiness.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    inference_service: str | None = Field(default=None, description="Name of the InferenceService that serves it.")
+    url: str | None = Field(default=None, description="URL of the InferenceService.")
+    model_name: str | None = Field(default=None, description="Model name to put in requests.")
+
+
+class ModelAdapter(KubeModel):
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, description="kubetune.io/v1alpha1")
+    kind: Literal["ModelAdapter"] = Field(default="ModelAdapter", description="ModelAdapter")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: ModelAdapterSpec = Field(description="What to serve and how.")
+    status: ModelAdapterStatus | None = Field(default=None, description="Where serving stands.")

@@ -1,0 +1,226 @@
+"""Offline validation of kubetune manifests: what the API server would refuse, and more.
+
+    kubetune validate examples/*.yaml
+
+Three passes, each only when the one before found nothing:
+1. the schema: the pydantic models (types, enums, bounds, patterns, unknown fields);
+2. the CEL rules of the generated CRD, evaluated with cel-python on the defaulted object,
+   so the rules are written once (in the models) and mean the same here and on the server;
+3. semantic checks the schema cannot express (`semantic_problems`).
+Every problem names its field path and says what to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import celpy
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kubetune.api import crds
+from kubetune.api.finetunejob import IMPLEMENTED_STAGES, FineTuneJob
+from kubetune.api.meta import API_VERSION
+from kubetune.api.modeladapter import ModelAdapter
+from kubetune.api.preferencedataset import PreferenceDataset
+
+KINDS: dict[str, type[BaseModel]] = {
+    "FineTuneJob": FineTuneJob,
+    "PreferenceDataset": PreferenceDataset,
+    "ModelAdapter": ModelAdapter,
+}
+_CRD_FILE = {
+    "FineTuneJob": "kubetune.io_finetunejobs.yaml",
+    "PreferenceDataset": "kubetune.io_preferencedatasets.yaml",
+    "ModelAdapter": "kubetune.io_modeladapters.yaml",
+}
+# Field names each format reads; `dataset.columns` may only rename these.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "promptCompletion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpairedPreference": ("prompt", "completion", "label"),
+    "imageLabel": ("image", "label"),
+    "imageCaption": ("image", "caption"),
+    "audioTranscript": ("audio", "text"),
+    "audio": ("audio",),
+}
+SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
+    "paired": FORMAT_FIELDS["preference"],
+    "unpaired": FORMAT_FIELDS["unpairedPreference"],
+    "ranked": ("prompt", "completions"),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.message}"
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("literal[", "function-")):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(document)"
+
+
+def _fix(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "missing":
+        return "this field is required; add it"
+    if kind == "extra_forbidden":
+        return "unknown field; remove it or check its spelling (kubectl explain lists the fields)"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        pattern = ctx.get("pattern", "")
+        if "hf|s3|pvc|file" in pattern:
+            return "must be a uri starting with hf://, s3://, pvc:// or file://"
+        if pattern.startswith("^[a-z0-9]"):
+            return "must be a DNS label: lower-case letters, digits and '-', starting and ending with a letter or digit"
+        return f"must match {pattern}"
+    return str(err["msg"]).replace("Input", "value").replace("input", "value")
+
+
+def schema_problems(kind: str, obj: dict[str, Any]) -> tuple[BaseModel | None, list[Problem]]:
+    try:
+        # by_name=False: manifests speak camelCase only (Python code may use snake_case names)
+        return KINDS[kind].model_validate(obj, by_alias=True, by_name=False), []
+    except ValidationError as e:
+        return None, [Problem(_path(err["loc"]), _fix(err)) for err in e.errors()]
+
+
+_env = celpy.Environment()
+_programs: dict[str, Any] = {}
+
+
+def _evaluate(rule: str, value: Any) -> bool:
+    if rule not in _programs:
+        _programs[rule] = _env.program(_env.compile(rule))
+    return bool(_programs[rule].evaluate({"self": celpy.json_to_cel(value)}))
+
+
+def _walk_cel(schema: dict[str, Any], value: Any, path: str, out: list[Problem]) -> None:
+    for v in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in v["rule"]:
+            continue  # transition rules need the stored object; only the API server has it
+        if not _evaluate(v["rule"], value):
+            out.append(Problem(path + v.get("fieldPath", ""), v["message"]))
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                _walk_cel(sub, value[name], f"{path}.{name}" if path else name, out)
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            _walk_cel(schema["items"], item, f"{path}[{i}]", out)
+
+
+def cel_problems(kind: str, wire: dict[str, Any]) -> list[Problem]:
+    crd = crds.render()[_CRD_FILE[kind]]
+    root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    out: list[Problem] = []
+    _walk_cel(root, wire, "", out)
+    return out
+
+
+def _columns_problems(path: str, columns: dict[str, str] | None, allowed: tuple[str, ...]) -> list[Problem]:
+    return [
+        Problem(f"{path}.columns.{k}", f"unknown column {k!r}; this data has {', '.join(allowed)}")
+        for k in (columns or {})
+        if k not in allowed
+    ]
+
+
+def semantic_problems(obj: BaseModel) -> list[Problem]:
+    """Checks beyond the CRD that need no cluster (the operator adds the cluster ones)."""
+    out: list[Problem] = []
+    if isinstance(obj, PreferenceDataset):
+        out += _columns_problems("spec", obj.spec.columns, SCHEMA_FIELDS[obj.spec.schema_])
+        return out
+    if not isinstance(obj, FineTuneJob):
+        return out
+    spec = obj.spec
+    for i, stage in enumerate(spec.stages):
+        p = f"spec.stages[{i}]"
+        if stage.type not in IMPLEMENTED_STAGES:
+            out.append(Problem(
+                f"{p}.type",
+                f"stage type {stage.type} is not implemented yet; kubetune runs {', '.join(IMPLEMENTED_STAGES)} today",
+            ))
+        if i == 0 and spec.model.init is not None:
+            if stage.tuning.method != "full":
+                out.append(Problem(
+                    f"{p}.tuning.method",
+                    "a model built from spec.model.init has no trained weights to freeze; use tuning.method: full",
+                ))
+            if stage.type != "pretrain":
+                out.append(Problem(
+                    f"{p}.type",
+                    "a model built from spec.model.init starts from random weights; make the first stage a pretrain stage",
+                ))
+        if stage.dataset.format:
+            out += _columns_problems(f"{p}.dataset", stage.dataset.columns, FORMAT_FIELDS[stage.dataset.format])
+        if stage.tuning.method == "qlora" and stage.resources.gpus_per_node == 0:
+            out.append(Problem(
+                f"{p}.resources.gpusPerNode",
+                "QLoRA without GPUs runs only with `kubetune run` on CPU, slowly; set gpusPerNode for a cluster",
+                "warning",
+            ))
+        lr = stage.hyperparameters.learning_rate
+        if lr is not None and lr > 1e-2 and stage.type != "pretrain" and stage.tuning.method == "full":
+            out.append(Problem(
+                f"{p}.hyperparameters.learningRate",
+                f"{lr} is high for full fine-tuning and tends to wreck the model; 1e-5 to 1e-4 is usual",
+                "warning",
+            ))
+    return out
+
+
+def validate_object(obj: Any) -> list[Problem]:
+    """Every problem of one manifest document, schema first."""
+    if not isinstance(obj, dict):
+        return [Problem("(document)", "a manifest must be a YAML mapping with apiVersion, kind, metadata and spec")]
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        return [Problem("kind", f"unknown kind {kind!r}; kubetune defines {', '.join(KINDS)}")]
+    if obj.get("apiVersion") != API_VERSION:
+        return [Problem("apiVersion", f"must be {API_VERSION}")]
+    model, problems = schema_problems(kind, obj)
+    if model is None:
+        return problems
+    problems = cel_problems(kind, model.model_dump(mode="json", by_alias=True, exclude_none=True))
+    if problems:
+        return problems
+    return semantic_problems(model)
+
+
+def load_documents(path: Path) -> list[Any]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def validate_file(path: Path) -> list[tuple[str, list[Problem]]]:
+    """(document label, problems) for each document of a YAML file."""
+    try:
+        docs = load_documents(path)
+    except yaml.YAMLError as e:
+        return [(str(path), [Problem("(file)", f"not valid YAML: {e}")])]
+    results = []
+    for i, doc in enumerate(docs):
+        name = doc.get("metadata", {}).get("name", f"#{i}") if isinstance(doc, dict) else f"#{i}"
+        kind = doc.get("kind", "?") if isinstance(doc, dict) else "?"
+        results.append((f"{kind}/{name}", validate_object(doc)))
+    return results

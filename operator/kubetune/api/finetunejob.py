@@ -12,7 +12,6 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from kubetune.api.meta import (
-    API_VERSION,
     DNS_LABEL,
     URI_PATTERN,
     Condition,
@@ -416,7 +415,7 @@ class FineTuneJobStatus(KubeModel):
 
 
 class FineTuneJob(KubeModel):
-    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, description="kubetune.io/v1alpha1")
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default="kubetune.io/v1alpha1", description="kubetune.io/v1alpha1")
     kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="FineTuneJob")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: FineTuneJobSpec = Field(description="The pipeline to run.")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kubetune.api.meta import API_VERSION, URI_PATTERN, Condition, KubeModel, ObjectMeta, cel, rules
+from kubetune.api.meta import URI_PATTERN, Condition, KubeModel, ObjectMeta, cel, rules
 
 
 class Serving(KubeModel):
@@ -50,7 +50,7 @@ class ModelAdapterStatus(KubeModel):
 
 
 class ModelAdapter(KubeModel):
-    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, description="kubetune.io/v1alpha1")
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default="kubetune.io/v1alpha1", description="kubetune.io/v1alpha1")
     kind: Literal["ModelAdapter"] = Field(default="ModelAdapter", description="ModelAdapter")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: ModelAdapterSpec = Field(description="What to serve and how.")

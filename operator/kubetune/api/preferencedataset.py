@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kubetune.api.meta import API_VERSION, URI_PATTERN, Condition, KubeModel, ObjectMeta, cel, rules
+from kubetune.api.meta import URI_PATTERN, Condition, KubeModel, ObjectMeta, cel, rules
 
 PreferenceSchema = Literal["paired", "unpaired", "ranked"]
 
@@ -65,7 +65,7 @@ class PreferenceDatasetStatus(KubeModel):
 
 
 class PreferenceDataset(KubeModel):
-    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION, description="kubetune.io/v1alpha1")
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default="kubetune.io/v1alpha1", description="kubetune.io/v1alpha1")
     kind: Literal["PreferenceDataset"] = Field(default="PreferenceDataset", description="PreferenceDataset")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: PreferenceDatasetSpec = Field(description="The data set and how to read it.")

@@ -110,7 +110,7 @@ _programs: dict[str, Any] = {}
 def _evaluate(rule: str, value: Any) -> bool:
     if rule not in _programs:
         _programs[rule] = _env.program(_env.compile(rule))
-    return bool(_programs[rule].evaluate({"self": celpy.json_to_cel(value)}))
+    return bool(_programs[rule].evaluate({"self": celpy.json_to_cel(value)}))  # type: ignore[attr-defined]
 
 
 def _walk_cel(schema: dict[str, Any], value: Any, path: str, out: list[Problem]) -> None:

@@ -104,7 +104,7 @@ def test_killed_mid_stage_resumes_from_the_checkpoint(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resumed stage pt" in resumed.stdout
     steps = _steps(resumed.stdout)
-    assert steps and steps[0] > saved, f"restarted instead of resuming after checkpoint-{saved}: {steps}"
+    assert steps and min(steps) >= saved, f"restarted instead of resuming from checkpoint-{saved}: {steps}"
     assert steps[-1] == 60
 
 

@@ -53,6 +53,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
             outer.pop("default")
         node = {**_resolve(options[0], defs), **outer}
     out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEEP}
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if not isinstance(out.get(bound), bool) and bound in out:  # JSON Schema's number -> OpenAPI v3.0's flag
+            out[limit], out[bound] = out[bound], True
     if "const" in node:
         out["enum"] = [node["const"]]
         out.setdefault("type", "string")
@@ -97,7 +100,7 @@ def _root(spec: type[BaseModel], status: type[BaseModel], kind: str, spec_doc: s
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of the object: kubetune.io/v1alpha1."},
             "kind": {"type": "string", "description": f"Kind of the object: {kind}."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},  # the API server allows nothing else here
             "spec": spec_schema,
             "status": status_schema,
         },

@@ -207,7 +207,7 @@ class Runner:
         while True:
             done = proc.poll() is not None
             p = _read_json(progress_file)
-            if p and p.get("step") != last and p.get("state") == "running":
+            if p and p.get("step") != last:
                 last = p.get("step")
                 eta = p.get("etaSeconds")
                 self.console.print(

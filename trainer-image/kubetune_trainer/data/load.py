@@ -1,0 +1,69 @@
+"""Validate a data set and load its rows in the canonical form of its format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kubetune_trainer.data.formats import canonical, check_columns, decode_untyped, get_format, problems, rename
+from kubetune_trainer.data.readers import open_source, read_records
+from kubetune_trainer.data.report import SOURCE_LINE, DataError, RowError, ValidationReport
+from kubetune_trainer.storage import local_path
+
+
+def load_report(
+    uri: str, fmt: str, columns: Mapping[str, str] | None = None, max_errors: int | None = None,
+) -> tuple[list[dict[str, Any]], ValidationReport]:
+    """The valid rows (canonical) and the report on all rows; reads the source once.
+
+    Raises ValueError for an unknown format or a columns mapping that names no field of it,
+    FileNotFoundError when the uri holds nothing, ValueError when it holds no data files.
+    """
+    spec = get_format(fmt)
+    check_columns(spec, columns)
+    source = open_source(local_path(uri))
+    report = ValidationReport(checksum=source.checksum)
+    rows: list[dict[str, Any]] = []
+
+    def note(line: int, reason: str, file: str | None) -> None:
+        if max_errors is None or len(report.errors) < max_errors:
+            report.errors.append(RowError(line, f"{file}: {reason}" if file else reason))
+        else:
+            report.unlisted += 1
+
+    for record in read_records(source):
+        if not record.is_row:
+            note(record.line, record.error or "unreadable", record.file)
+            continue
+        report.rows += 1
+        if record.error is not None:
+            found = [record.error]
+        else:
+            row = rename(record.value, columns)
+            found = []
+            if not record.typed and isinstance(row, dict):
+                row, found = decode_untyped(row, spec)  # a cell that is not JSON: say only that
+            found = found or problems(row, spec, columns)
+        for reason in found:
+            note(record.line, reason, record.file)
+        if not found:
+            report.valid_rows += 1
+            rows.append(canonical(row, spec))
+    if report.rows == 0 and not report.errors:
+        note(SOURCE_LINE, "no rows: the data set is empty", None)
+    return rows, report
+
+
+def validate(
+    uri: str, fmt: str, columns: Mapping[str, str] | None = None, max_errors: int | None = None,
+) -> ValidationReport:
+    """Check every row of the data at uri against format fmt; see load_report for what raises."""
+    return load_report(uri, fmt, columns, max_errors)[1]
+
+
+def load_rows(uri: str, fmt: str, columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The rows in canonical form; DataError (with .report) if any row is bad."""
+    rows, report = load_report(uri, fmt, columns)
+    if not report.ok:
+        raise DataError(report, uri)
+    return rows

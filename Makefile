@@ -8,7 +8,10 @@ PYTEST  := $(PY) -m pytest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test unit e2e crds check lint clean
+.PHONY: setup system-deps demo test unit e2e crds check clean
+
+# Commands the local control plane needs, and the Debian package of each.
+SYSTEM_TOOLS := openssl:openssl curl:curl flock:util-linux
 
 setup: $(VENV)/.installed
 
@@ -34,8 +37,14 @@ check: setup
 unit: setup
 	$(PYTEST) tests
 
-e2e: setup
+e2e: setup system-deps
 	$(PYTEST) e2e
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+	@command -v go >/dev/null || { echo "Go >= 1.26 is needed to build the local control plane"; exit 1; }
 
 crds: setup
 	$(VENV)/bin/kubetune crds

@@ -5,6 +5,7 @@
     kubetune validate-data FILE --format F  check a data file row by row
     kubetune run FILE [--nproc N] [--resume]  run a FineTuneJob on this machine
     kubetune status runs/<job>              where a local run stands
+    kubetune operator [--all-namespaces | --namespace NS ...]  run the operator (kopf)
 """
 
 from __future__ import annotations
@@ -76,6 +77,39 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     return status(Path(args.run_dir), console)
 
 
+def _operator(args: argparse.Namespace, console: Console) -> int:
+    from kubetune.backends import BackendSettings
+    from kubetune.operator import OperatorOptions, run
+
+    def pairs(items: list[str] | None) -> dict[str, str]:
+        return dict(i.split("=", 1) for i in items or [])
+
+    def toleration(text: str) -> dict[str, str]:  # KEY[=VALUE][:EFFECT], as `kubectl taint` writes taints
+        key, _, effect = text.partition(":")
+        key, eq, value = key.partition("=")
+        out = {"key": key, "operator": "Equal" if eq else "Exists"}
+        if eq:
+            out["value"] = value
+        if effect:
+            out["effect"] = effect
+        return out
+
+    backend = BackendSettings(
+        trainer_image=args.trainer_image, image_pull_policy=args.image_pull_policy,
+        service_account=args.service_account, storage_secret=args.storage_secret,
+        restricted_security_context=not args.no_restricted_security_context, run_as_user=args.run_as_user,
+        trainer_metrics_port=args.trainer_metrics_port,
+        validation_node_selector=pairs(args.validation_node_selector),
+        validation_tolerations=[toleration(t) for t in args.validation_toleration or []],
+    )
+    return run(OperatorOptions(
+        namespaces=[] if args.all_namespaces else (args.namespace or []), peering=args.peering,
+        standalone=args.standalone, priority=args.priority, peering_lifetime=args.peering_lifetime,
+        metrics_port=args.metrics_port, liveness_port=args.liveness_port, verbose=args.verbose,
+        scrape_trainer=not args.no_trainer_progress, progress_interval=args.progress_interval, backend=backend,
+    ))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetune", description="Every stage of model training, on Kubernetes or here.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,7 +141,42 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show where a local run stands")
     s.add_argument("run_dir", help="runs/<job>")
     s.set_defaults(func=_status)
+
+    o = sub.add_parser("operator", help="run the kubetune operator against the cluster of the kubeconfig (or in-cluster)")
+    where = o.add_mutually_exclusive_group()
+    where.add_argument("--namespace", action="append", metavar="NS", help="watch this namespace (repeat for more)")
+    where.add_argument("--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    o.add_argument("--peering", default="kubetune", help="kopf peering object the replicas share (default: kubetune)")
+    o.add_argument("--standalone", action="store_true", help="no peering: only ever run one replica")
+    o.add_argument("--priority", type=int, default=None, help="peering priority; the highest acts (default: random)")
+    o.add_argument("--peering-lifetime", type=int, default=60, help="seconds before a silent replica counts as gone")
+    o.add_argument("--metrics-port", type=int, default=8080, help="serve Prometheus /metrics here (0: off)")
+    o.add_argument("--liveness-port", type=int, default=0, help="serve /healthz here (0: off)")
+    o.add_argument("--trainer-image", default=_default_image(), help="image of stages and validation Jobs")
+    o.add_argument("--image-pull-policy", default="IfNotPresent", choices=["Always", "IfNotPresent", "Never"])
+    o.add_argument("--service-account", default=None, help="ServiceAccount of the training and validation pods")
+    o.add_argument("--storage-secret", default="kubetune-storage",
+                   help="Secret with s3 credentials (AWS_*) the pods read when they use s3:// (optional)")
+    o.add_argument("--no-restricted-security-context", action="store_true",
+                   help="do not set the PodSecurity-restricted securityContext on pods")
+    o.add_argument("--run-as-user", type=int, default=1000, help="uid of the pods (with the restricted context)")
+    o.add_argument("--trainer-metrics-port", type=int, default=9310, help="port of the trainer's metrics (0: off)")
+    o.add_argument("--no-trainer-progress", action="store_true", help="do not read progress from the trainer's metrics")
+    o.add_argument("--progress-interval", type=float, default=10.0,
+                   help="seconds between reads of a running stage's progress (default: 10)")
+    o.add_argument("--validation-node-selector", action="append", metavar="KEY=VALUE",
+                   help="node label the validation Job's pods need (repeat for more)")
+    o.add_argument("--validation-toleration", action="append", metavar="KEY[=VALUE][:EFFECT]",
+                   help="taint the validation Job's pods tolerate (repeat for more)")
+    o.add_argument("-v", "--verbose", action="store_true", help="log kopf's details too")
+    o.set_defaults(func=_operator)
     return p
+
+
+def _default_image() -> str:
+    from kubetune.backends import DEFAULT_TRAINER_IMAGE
+
+    return DEFAULT_TRAINER_IMAGE
 
 
 def main(argv: list[str] | None = None) -> int:

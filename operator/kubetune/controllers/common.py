@@ -1,0 +1,194 @@
+"""What every controller shares: the API client, per-object locks, child creation, status writes.
+
+Handlers are synchronous (kopf runs them in its thread pool) and call one `reconcile` per
+object. Several triggers can fire for one object at once (its own change, a child's event, a
+timer), so each reconcile holds a per-object lock and reads the object fresh; children have
+deterministic names, so a retry after a crash finds what it created (409 -> reuse).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+from kubernetes import client
+
+from kubetune.api.meta import GROUP, VERSION
+from kubetune.backends import BackendSettings
+
+log = logging.getLogger("kubetune.operator")
+
+FINETUNEJOBS = (GROUP, VERSION, "finetunejobs")
+PREFERENCEDATASETS = (GROUP, VERSION, "preferencedatasets")
+MODELADAPTERS = (GROUP, VERSION, "modeladapters")
+
+
+@dataclass
+class Runtime:
+    """The operator's process-wide state, set once by `kubetune.operator` before kopf starts."""
+
+    api: client.ApiClient | None = None
+    settings: BackendSettings = field(default_factory=BackendSettings)
+    scrape_trainer: bool = True  # read the trainer's metrics endpoint for progress
+
+
+RUNTIME = Runtime()
+
+
+def api() -> client.ApiClient:
+    if RUNTIME.api is None:
+        from kubernetes import config
+
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        RUNTIME.api = client.ApiClient()
+    return RUNTIME.api
+
+
+def custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api())
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api())
+
+
+def batch() -> client.BatchV1Api:
+    return client.BatchV1Api(api())
+
+
+# --- locks --------------------------------------------------------------------------------
+
+_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def locked(kind: str, namespace: str, name: str) -> Iterator[None]:
+    """Hold the lock of one object, so its reconciles in this process never overlap."""
+    with _locks_guard:
+        lock = _locks.setdefault((kind, namespace, name), threading.Lock())
+    with lock:
+        yield
+
+
+def forget(kind: str, namespace: str, name: str) -> None:
+    with _locks_guard:
+        _locks.pop((kind, namespace, name), None)
+
+
+# --- reading and writing ------------------------------------------------------------------
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A kubernetes-client model or a kopf body as a plain wire dict."""
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "to_dict"):
+        return cast(dict[str, Any], api().sanitize_for_serialization(obj))  # type: ignore[no-untyped-call]
+    return dict(obj)
+
+
+def get_custom(resource: tuple[str, str, str], namespace: str, name: str) -> dict[str, Any] | None:
+    group, version, plural = resource
+    try:
+        return cast(dict[str, Any], custom().get_namespaced_custom_object(group, version, namespace, plural, name))
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def list_custom(resource: tuple[str, str, str], namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+    group, version, plural = resource
+    if selector:
+        rsp = custom().list_namespaced_custom_object(group, version, namespace, plural, label_selector=selector)
+    else:
+        rsp = custom().list_namespaced_custom_object(group, version, namespace, plural)
+    return cast(list[dict[str, Any]], cast(dict[str, Any], rsp).get("items") or [])
+
+
+def create_custom(resource: tuple[str, str, str], namespace: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create `body`, or read the object of that name if it exists: (object, created)."""
+    group, version, plural = resource
+    try:
+        return cast(dict[str, Any], custom().create_namespaced_custom_object(group, version, namespace, plural, body)), True
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+    existing = get_custom(resource, namespace, body["metadata"]["name"])
+    if existing is None:
+        raise kopf.TemporaryError(f"{body['kind']} {body['metadata']['name']} exists and vanished; retrying", delay=1)
+    return existing, False
+
+
+def create_core(kind: str, namespace: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create a ConfigMap or a Job, or read the existing one of that name: (object, created)."""
+    name = body["metadata"]["name"]
+    try:
+        if kind == "ConfigMap":
+            return as_dict(core().create_namespaced_config_map(namespace, cast(Any, body))), True
+        return as_dict(batch().create_namespaced_job(namespace, cast(Any, body))), True
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+    if kind == "ConfigMap":
+        return as_dict(core().read_namespaced_config_map(name, namespace)), False
+    return as_dict(batch().read_namespaced_job(name, namespace)), False
+
+
+def patch_status(resource: tuple[str, str, str], namespace: str, name: str, status: dict[str, Any]) -> None:
+    """Merge-patch `status` (whole lists: conditions and stages are always written entire)."""
+    group, version, plural = resource
+    try:
+        custom().patch_namespaced_custom_object_status(group, version, namespace, plural, name, {"status": status})
+    except client.ApiException as e:
+        if e.status != 404:  # deleted meanwhile: nothing to report on
+            raise
+
+
+def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(old.get(k) != v for k, v in new.items())
+
+
+def event(body: dict[str, Any], reason: str, message: str, warning: bool = False) -> None:
+    """Post a Kubernetes Event about `body` (kopf sends it in the background)."""
+    try:
+        kopf.event(kopf_body(body), type="Warning" if warning else "Normal", reason=reason, message=message)
+    except LookupError:  # outside kopf's context (unit tests): log only
+        pass
+    meta = body.get("metadata", {})
+    log.log(logging.WARNING if warning else logging.INFO, "Posted Event reason=%s %s=%s/%s message=%r", reason,
+            str(body.get("kind", "")).lower(), meta.get("namespace"), meta.get("name"), message)
+
+
+def kopf_body(body: dict[str, Any]) -> kopf.Body:
+    """A plain wire dict as the kopf.Body kopf's helpers (adopt, event) take."""
+    return kopf.Body(cast(kopf.RawBody, body))
+
+
+def true_conditions(conditions: list[dict[str, Any]]) -> set[str]:
+    return {c["type"] for c in conditions if c.get("status") == "True"}
+
+
+def owner_name(body: dict[str, Any], kind: str) -> str | None:
+    """Name of the owner of `kind` in an object's ownerReferences."""
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == kind:
+            return cast(str, ref.get("name"))
+    return None
+
+
+def quietly(fn: Any, *args: Any) -> None:
+    """Run a reconcile from a watch event: its retries and refusals are the object's own handlers' business."""
+    try:
+        fn(*args)
+    except (kopf.TemporaryError, kopf.PermanentError) as e:
+        log.debug("Deferred reconcile: %s", e)

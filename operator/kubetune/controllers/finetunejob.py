@@ -1,0 +1,409 @@
+"""FineTuneJob controller: each stage a PyTorchJob, chained by their conditions.
+
+The whole life of a job, in `reconcile`:
+1. check the spec beyond the CRD (a bad one: Accepted=False, Failed=True, nothing created);
+2. observe the stages' PyTorchJobs (deterministic names `<job>-<stage>`);
+3. act on the first stage not done: start it (StageRun ConfigMap + PyTorchJob, once), keep its
+   suspension in line with spec.runPolicy.suspend, or stop when it failed;
+4. write the whole status (conditions, stages, progress) and post an Event per transition;
+5. when every stage succeeded, publish a ModelAdapter if spec.publish asks for one.
+Triggers: the job's own changes, its PyTorchJobs' and PreferenceDatasets' watch events, and a
+timer (registered by kubetune.operator) that also reads the running trainer's progress.
+Deletion removes the children.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+from kubernetes import client
+from pydantic import ValidationError
+
+from kubetune import metrics
+from kubetune.api import reasons as r
+from kubetune.api.finetunejob import FORMATS_BY_STAGE, FineTuneJob
+from kubetune.api.meta import API_VERSION, find_condition, is_true, now_rfc3339
+from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
+from kubetune.api.stagerun import StageData, render_stage_run
+from kubetune.api.validation import semantic_problems
+from kubetune.backends import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, child_name, label_value, pod_annotations
+from kubetune.backends import pytorchjob as backend
+from kubetune.backends import trainer_metrics
+from kubetune.controllers import common
+from kubetune.controllers.common import FINETUNEJOBS, MODELADAPTERS, PREFERENCEDATASETS, RUNTIME
+from kubetune.controllers.pipeline import (
+    Plan,
+    adapter_spec,
+    failure_detail,
+    job_conditions,
+    observe_stages,
+    progress,
+    seconds_between,
+)
+
+log = logging.getLogger("kubetune.operator")
+PYTORCHJOBS = (backend.GROUP, backend.VERSION, backend.PLURAL)
+POLL_SECONDS = 10.0  # the timer: trainer progress, why pods wait, and a safety net for missed watch events
+WAIT_SECONDS = 10.0  # retry delay while a stage waits for its PreferenceDataset
+
+
+@kopf.on.resume(*FINETUNEJOBS)
+@kopf.on.create(*FINETUNEJOBS)
+@kopf.on.update(*FINETUNEJOBS)
+def on_finetunejob(name: str, namespace: str | None, **_: Any) -> None:
+    reconcile(namespace or "", name)
+
+
+def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
+    conditions = list(status.get("conditions") or [])
+    return not (is_true(conditions, r.SUCCEEDED) or is_true(conditions, r.FAILED))
+
+
+def poll_finetunejob(name: str, namespace: str | None, **_: Any) -> None:
+    """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait."""
+    common.quietly(lambda: reconcile(namespace or "", name, scrape=True))
+
+
+def register_timer(interval: float = POLL_SECONDS) -> None:
+    """Register `poll_finetunejob` every `interval` seconds (`kubetune operator --progress-interval`)."""
+    kopf.timer(*FINETUNEJOBS, interval=interval, initial_delay=interval, when=_unfinished)(poll_finetunejob)
+
+
+@kopf.on.event(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
+def on_pytorchjob(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    owner = common.owner_name(dict(body), "FineTuneJob")
+    if owner and namespace:
+        common.quietly(lambda: reconcile(namespace, owner))
+
+
+@kopf.on.event(*PREFERENCEDATASETS)
+def on_preferencedataset(name: str, namespace: str | None, **_: Any) -> None:
+    """A data set changed: jobs waiting for it may start (or fail) now."""
+    if not namespace:
+        return
+    for body in common.list_custom(FINETUNEJOBS, namespace):
+        refs = {((s.get("dataset") or {}).get("preferenceDatasetRef") or {}).get("name")
+                for s in body.get("spec", {}).get("stages", [])}
+        if name in refs and _unfinished(body.get("status") or {}):
+            common.quietly(lambda: reconcile(namespace, body["metadata"]["name"]))
+
+
+@kopf.on.delete(*FINETUNEJOBS)
+def on_finetunejob_deleted(name: str, namespace: str | None, uid: str, **_: Any) -> None:
+    """Delete the stages' PyTorchJobs and ConfigMaps now (owner references would, later)."""
+    namespace = namespace or ""
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
+    group, version, plural = PYTORCHJOBS
+    for pj in common.list_custom(PYTORCHJOBS, namespace, selector):
+        if any(ref.get("uid") == uid for ref in pj["metadata"].get("ownerReferences") or []):
+            try:
+                common.custom().delete_namespaced_custom_object(
+                    group, version, namespace, plural, pj["metadata"]["name"], propagation_policy="Background")
+                log.info("Deleted PyTorchJob name=%s finetunejob=%s", pj["metadata"]["name"], name)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+    common.core().delete_collection_namespaced_config_map(namespace, label_selector=selector)
+    metrics.set_job_conditions(f"{namespace}/{name}", None)
+    common.forget("FineTuneJob", namespace, name)
+
+
+# --- reconcile ----------------------------------------------------------------------------
+
+
+def reconcile(namespace: str, name: str, *, scrape: bool = False) -> None:
+    with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob"):
+        body = common.get_custom(FINETUNEJOBS, namespace, name)
+        if body is not None and not body["metadata"].get("deletionTimestamp"):
+            _reconcile(body, scrape)
+
+
+def _reconcile(body: dict[str, Any], scrape: bool) -> None:
+    meta, status = body["metadata"], dict(body.get("status") or {})
+    namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
+    key = f"{namespace}/{name}"
+
+    job, problems = check(body)
+    if job is None or problems:
+        message = "Fix the spec: " + "; ".join(problems) + "."
+        invalid = job_conditions(conditions, generation, phase="Invalid", reason=r.INVALID_SPEC, message=message,
+                                 accepted=(False, r.INVALID_SPEC, message))
+        if not is_true(conditions, r.FAILED):
+            common.event(body, r.INVALID_SPEC, message, warning=True)
+        _write(body, status, {"observedGeneration": generation, "conditions": invalid})
+        metrics.set_job_conditions(key, common.true_conditions(invalid))
+        raise kopf.PermanentError(message)
+    failed = find_condition(conditions, r.FAILED)
+    if failed and failed.get("status") == "True" and failed.get("reason") != r.INVALID_SPEC:
+        metrics.set_job_conditions(key, common.true_conditions(conditions))
+        return
+    output_base = job.spec.output.uri or ""
+    if is_true(conditions, r.SUCCEEDED):
+        if not status.get("adapter") and (adapter := publish(body, job, output_base)):
+            _write(body, status, {"adapter": adapter})
+        metrics.set_job_conditions(key, common.true_conditions(conditions))
+        return
+
+    datasets = {
+        ref.name: common.get_custom(PREFERENCEDATASETS, namespace, ref.name)
+        for ref in (s.dataset.preference_dataset_ref for s in job.spec.stages) if ref is not None
+    }
+    missing = sorted(n for n, d in datasets.items() if d is None)
+    accepted = (True, r.VALID, "The spec passed every check.")
+    if missing:
+        accepted = (False, r.PREFERENCE_DATASET_NOT_FOUND,
+                    f"PreferenceDataset {', '.join(missing)} not found in namespace {namespace}; create it or fix "
+                    "spec.stages[].dataset.preferenceDatasetRef.name.")
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
+    children = {
+        pj["metadata"]["name"]: pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
+        if any(ref.get("uid") == meta["uid"] for ref in pj["metadata"].get("ownerReferences") or [])
+    }
+    plan = observe_stages(job, children, list(status.get("stages") or []), output_base)
+    suspend = job.spec.run_policy.suspend
+    child = children.get(backend.job_name(name, job.spec.stages[plan.index].name))
+
+    if plan.phase == "Start":
+        if suspend:
+            plan.phase, plan.reason = "Suspended", r.SUSPENDED_BY_USER
+            plan.message = f"Suspended before stage {plan.index + 1}/{len(job.spec.stages)} " \
+                           f"{job.spec.stages[plan.index].name} (spec.runPolicy.suspend)."
+        else:
+            start_stage(body, job, plan, datasets, output_base)
+    elif child is not None and plan.phase in ("Pending", "Running", "Restarting", "Suspended"):
+        sync_suspend(body, child, suspend)
+    if plan.phase == "Failed" and child is not None and plan.stages[plan.index].get("state") != _old_state(status, plan):
+        detail = failure_detail(_pods(namespace, child["metadata"]["name"]))
+        if detail:
+            plan.message += f" ({detail})"
+            plan.stages[plan.index]["message"] += f" ({detail})"
+    if scrape and plan.phase == "Running" and child is not None and RUNTIME.scrape_trainer:
+        read_progress(namespace, child["metadata"]["name"], plan.stages[plan.index])
+    if plan.phase == "Pending" and child is not None:
+        # looked up by the timer only; other reconciles keep what it found
+        previous = (find_condition(conditions, r.RUNNING) or {}).get("message", "")
+        kept = previous if previous.startswith(plan.message[:-1] + ": ") else plan.message
+        why = why_pending(namespace, child) if scrape else ""
+        plan.message = f"{plan.message[:-1]}: {why}" if why else (plan.message if scrape else kept)
+
+    new_conditions = job_conditions(conditions, generation, phase=plan.phase, reason=plan.reason,
+                                    message=plan.message, accepted=accepted, suspended=suspend)
+    current, text = progress(plan, len(job.spec.stages))
+    new = {"observedGeneration": generation, "conditions": new_conditions, "currentStage": current,
+           "progress": text, "stages": plan.stages}
+    if plan.phase == "Succeeded":
+        new["adapter"] = publish(body, job, output_base)
+    announce(body, status, new, plan)
+    _write(body, status, new)
+    metrics.set_job_conditions(key, common.true_conditions(new_conditions))
+    if plan.phase == "Waiting":
+        raise kopf.TemporaryError(plan.message, delay=WAIT_SECONDS)
+
+
+def check(body: dict[str, Any]) -> tuple[FineTuneJob | None, list[str]]:
+    """The job's model and what keeps it from running on a cluster, each problem with its fix."""
+    try:
+        job = FineTuneJob.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+    except ValidationError as e:
+        return None, [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+    problems = [f"{p.path}: {p.message}" for p in semantic_problems(job) if p.severity == "error"]
+    spec = job.spec
+    out = spec.output.uri
+    if not out or not out.startswith(("pvc://", "s3://")):
+        problems.append(
+            f"spec.output.uri: {'is not set' if not out else out + ' is not shared storage'}; the stages' pods write "
+            "there and the next stage reads from there, so set it to pvc://<claim>/<path> or s3://<bucket>/<path>")
+    uris = [("spec.model.uri", spec.model.uri)]
+    if spec.model.init is not None:
+        uris.append(("spec.model.init.tokenizer.uri", spec.model.init.tokenizer.uri))
+    for i, stage in enumerate(spec.stages):
+        uris += [(f"spec.stages[{i}].dataset.uri", stage.dataset.uri),
+                 (f"spec.stages[{i}].dataset.validationUri", stage.dataset.validation_uri)]
+        if stage.tuning.method == "qlora" and stage.resources.gpus_per_node == 0:
+            problems.append(f"spec.stages[{i}].resources.gpusPerNode: QLoRA quantizes the base model with "
+                            "bitsandbytes on GPUs; set gpusPerNode to 1 or more, or use tuning.method lora")
+        try:
+            pod_annotations(job.metadata.annotations, stage.name)
+        except ValueError as e:
+            problems.append(f"metadata.annotations: {e}")
+    for path, uri in uris:
+        if uri and uri.startswith("file://"):
+            problems.append(f"{path}: {uri} is a path on one machine (for `kubetune run`); on a cluster use "
+                            "pvc://, s3:// or hf://")
+    return job, sorted(set(problems), key=problems.index)
+
+
+def start_stage(
+    body: dict[str, Any], job: FineTuneJob, plan: Plan, datasets: dict[str, dict[str, Any] | None], output_base: str
+) -> None:
+    """Create the StageRun ConfigMap and the PyTorchJob of stage `plan.index`, once; or say why not yet."""
+    i, stage, n = plan.index, job.spec.stages[plan.index], len(job.spec.stages)
+    namespace, label = body["metadata"]["namespace"], f"Stage {plan.index + 1}/{n} {stage.name}"
+    dataset = None
+    ref = stage.dataset.preference_dataset_ref
+    if ref is not None:
+        ds_body = datasets.get(ref.name)
+        ready = find_condition((ds_body or {}).get("status", {}).get("conditions"), r.READY)
+        if ds_body is None or ready is None or ready.get("status") != "True":
+            if ready is not None and ready.get("reason") in (r.DATA_INVALID, r.VALIDATION_FAILED, r.INVALID_SPEC):
+                plan.phase, plan.reason = "Failed", r.PREFERENCE_DATASET_INVALID
+                plan.message = f"{label} reads PreferenceDataset {ref.name}, which is not valid: {ready.get('message')}"
+                plan.stages[i].update(state="Failed", message=plan.message)
+                return
+            why = "it does not exist" if ds_body is None else (ready or {}).get("message") or "it is not validated yet"
+            plan.phase, plan.reason = "Waiting", r.WAITING_FOR_DATASET
+            plan.message = f"{label} waits for PreferenceDataset {ref.name} to become Ready: {why}"
+            return
+        ds = PreferenceDataset.model_validate({k: ds_body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+        fmt = FORMAT_BY_SCHEMA[ds.spec.schema_]
+        if fmt not in FORMATS_BY_STAGE[stage.type]:
+            plan.phase, plan.reason = "Failed", r.PREFERENCE_DATASET_INVALID
+            plan.message = (f"{label} is a {stage.type} stage and reads {' or '.join(FORMATS_BY_STAGE[stage.type])} "
+                            f"data; PreferenceDataset {ref.name} has schema {ds.spec.schema_}")
+            plan.stages[i].update(state="Failed", message=plan.message)
+            return
+        dataset = StageData(uri=ds.spec.source.uri, format=cast(Any, fmt), columns=ds.spec.columns,
+                            validation_fraction=ds.spec.split.validation_fraction)
+    settings = RUNTIME.settings
+    run = render_stage_run(job, i, output_base, dataset, metrics_port=settings.trainer_metrics_port)
+    configmap = backend.stagerun_configmap(job, i, run)
+    pj = backend.render(job, i, run, settings)
+    kopf.adopt([configmap, pj], owner=common.kopf_body(body))
+    common.create_core("ConfigMap", namespace, configmap)
+    _, created = common.create_custom(PYTORCHJOBS, namespace, pj)
+    name = pj["metadata"]["name"]
+    if created:
+        metrics.PYTORCHJOBS_CREATED.labels(stage.type).inc()
+        log.info("Created PyTorchJob name=%s namespace=%s finetunejob=%s stage=%s", name, namespace,
+                 job.metadata.name, stage.name)
+        common.event(body, r.EVENT_CREATED, f"Created PyTorchJob {name} for stage {i + 1}/{n} {stage.name}.")
+    plan.phase, plan.reason, plan.message = "Pending", r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name})."
+    plan.stages[i].update(state="Pending", jobName=name, message="Created")
+
+
+def sync_suspend(body: dict[str, Any], child: dict[str, Any], suspend: bool) -> None:
+    """Suspend the running stage's PyTorchJob when the job is suspended; resume only what we suspended."""
+    if suspend == backend.is_suspended(child) or (not suspend and not backend.suspended_by_us(child)):
+        return
+    group, version, plural = PYTORCHJOBS
+    name, namespace = child["metadata"]["name"], child["metadata"]["namespace"]
+    common.custom().patch_namespaced_custom_object(group, version, namespace, plural, name,
+                                                   backend.suspend_patch(suspend))
+    log.info("%s PyTorchJob name=%s namespace=%s", "Suspended" if suspend else "Resumed", name, namespace)
+    common.event(body, r.EVENT_SUSPENDED if suspend else r.EVENT_RESUMED,
+                 f"{'Suspended' if suspend else 'Resumed'} PyTorchJob {name} (spec.runPolicy.suspend).")
+
+
+def read_progress(namespace: str, pytorchjob: str, entry: dict[str, Any]) -> None:
+    """Copy the trainer's step, total steps and last figures from its metrics endpoint."""
+    try:
+        pod = common.as_dict(common.core().read_namespaced_pod(backend.master_pod(pytorchjob), namespace))
+    except client.ApiException:
+        return
+    ip = (pod.get("status") or {}).get("podIP")
+    ports = [p for c in pod["spec"]["containers"] for p in c.get("ports") or [] if p.get("name") == "metrics"]
+    if not ip or not ports:
+        return
+    got = trainer_metrics.scrape(ip, int(ports[0]["containerPort"]))
+    if got is None:
+        return
+    if got.step is not None:
+        entry["step"] = got.step
+    if got.total_steps:
+        entry["totalSteps"] = got.total_steps
+    started = entry.get("startTime")
+    if started and got.step and got.total_steps:  # from the stage's start: includes loading, so on the safe side
+        elapsed = seconds_between(started, now_rfc3339()) or 0.0
+        entry["etaSeconds"] = round(elapsed / got.step * max(got.total_steps - got.step, 0), 1)
+    if got.metrics:
+        entry["metrics"] = {**(entry.get("metrics") or {}), **got.metrics}
+
+
+def why_pending(namespace: str, child: dict[str, Any]) -> str:
+    """Why a stage's pods are not running yet: pods the scheduler cannot place, or pods the
+    training-operator could not create (its newest Warning, e.g. a PodSecurity refusal)."""
+    name = child["metadata"]["name"]
+    for pod in _pods(namespace, name):
+        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled" and c.get("status") == "False"), None)
+        if scheduled:
+            return f"pod {pod['metadata']['name']} is unschedulable: {scheduled.get('message', '')}"
+    warnings = common.core().list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind=PyTorchJob,involvedObject.name={name},type=Warning").items
+    if warnings:
+        newest = max(warnings, key=lambda e: int(e.metadata.resource_version or 0))
+        return f"{newest.reason}: {newest.message}"
+    return ""
+
+
+def publish(body: dict[str, Any], job: FineTuneJob, output_base: str) -> str | None:
+    """Create the job's ModelAdapter (once) when spec.publish asks for one; its name."""
+    if job.spec.publish is None or not job.spec.publish.enabled:
+        return None
+    name = job.spec.publish.adapter_name or child_name(job.metadata.name)
+    adapter = {"apiVersion": API_VERSION, "kind": "ModelAdapter",
+               "metadata": {"name": name, "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB: label_value(job.metadata.name)}},
+               "spec": adapter_spec(job, output_base)}
+    kopf.adopt(adapter, owner=common.kopf_body(body))
+    _, created = common.create_custom(MODELADAPTERS, body["metadata"]["namespace"], adapter)
+    if created:
+        log.info("Created ModelAdapter name=%s namespace=%s finetunejob=%s", name, body["metadata"]["namespace"],
+                 job.metadata.name)
+        common.event(body, r.EVENT_PUBLISHED, f"Created ModelAdapter {name} to serve the result.")
+    return name
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def announce(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], plan: Plan) -> None:
+    """An Event (and the stage-duration metric) for every transition between two statuses."""
+    before = {s.get("name"): s.get("state") for s in old.get("stages") or []}
+    n = len(new["stages"])
+    for i, stage in enumerate(new["stages"]):
+        state, label = stage.get("state"), f"Stage {i + 1}/{n} {stage['name']}"
+        if state == before.get(stage["name"], "Pending"):
+            continue
+        if state == "Running":
+            common.event(body, r.EVENT_STAGE_STARTED, f"{label} is running (PyTorchJob {stage.get('jobName')}).")
+        elif state == "Restarting":
+            common.event(body, r.EVENT_STAGE_RESTARTING, f"{label} is restarting: {stage.get('message')}.", warning=True)
+        elif state in ("Succeeded", "Failed"):
+            took = seconds_between(stage.get("startTime"), stage.get("completionTime"))
+            if took is not None:
+                metrics.STAGE_DURATION.labels(stage["type"], state.lower()).observe(took)
+            if state == "Succeeded":
+                common.event(body, r.EVENT_STAGE_SUCCEEDED, f"{label} succeeded"
+                             + (f" in {took:.0f}s" if took is not None else "") + f"; output {stage.get('outputUri')}.")
+            else:
+                common.event(body, r.EVENT_STAGE_FAILED, f"{label} failed: {stage.get('message')}", warning=True)
+    was = {c["type"]: c.get("status") for c in old.get("conditions") or []}
+    now = {c["type"]: c.get("status") for c in new["conditions"]}
+    if now.get(r.SUCCEEDED) == "True" != was.get(r.SUCCEEDED):
+        common.event(body, r.EVENT_SUCCEEDED, plan.message)
+    if now.get(r.FAILED) == "True" != was.get(r.FAILED) and plan.reason != r.STAGE_FAILED:
+        common.event(body, plan.reason, plan.message, warning=True)
+    if now.get(r.SUSPENDED) != was.get(r.SUSPENDED, "False") and plan.phase not in ("Succeeded", "Failed"):
+        suspended = now.get(r.SUSPENDED) == "True"
+        common.event(body, r.EVENT_SUSPENDED if suspended else r.EVENT_RESUMED,
+                     "The job is suspended (spec.runPolicy.suspend)." if suspended else "The job was resumed.")
+
+
+def _old_state(status: dict[str, Any], plan: Plan) -> str | None:
+    stages = status.get("stages") or []
+    return stages[plan.index].get("state") if plan.index < len(stages) else None
+
+
+def _pods(namespace: str, pytorchjob: str) -> list[dict[str, Any]]:
+    pods = common.core().list_namespaced_pod(namespace, label_selector=f"training.kubeflow.org/job-name={pytorchjob}")
+    return [common.as_dict(p) for p in pods.items]
+
+
+def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+    if common.changed(old, new):
+        meta = body["metadata"]
+        common.patch_status(FINETUNEJOBS, meta["namespace"], meta["name"], new)

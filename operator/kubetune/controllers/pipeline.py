@@ -1,0 +1,237 @@
+"""The FineTuneJob state machine as pure functions: observed world in, status out.
+
+`controllers/finetunejob.py` reads the cluster (the job, its PyTorchJobs, its
+PreferenceDatasets), calls `observe_stages` and `job_conditions`, acts (creates the next
+stage, suspends, publishes) and writes what these return. Nothing here talks to the API
+server, so every transition is unit-tested.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubetune.api import reasons as r
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.api.meta import set_condition
+from kubetune.api.stagerun import stage_model_uri, stage_output_uri
+from kubetune.backends import pytorchjob
+
+TERMINAL = ("Succeeded", "Failed")
+ACTIVE = ("Pending", "Running", "Restarting", "Suspended")
+
+# What the trainer's exit codes mean (kubetune_trainer/launch.py), for failure messages.
+EXIT_CODES = {
+    1: "a permanent error: invalid StageRun, bad data, an unsupported combination or a missing input",
+    2: "a bad command line",
+    137: "killed (SIGKILL): out of memory or evicted",
+    143: "terminated (SIGTERM): preempted or evicted",
+    201: "out of memory",
+    202: "distributed communication failed",
+    203: "an I/O error reading or writing storage",
+    204: "the accelerator failed",
+}
+
+
+@dataclass
+class Plan:
+    """Where the pipeline stands after observing it."""
+
+    stages: list[dict[str, Any]]
+    phase: str  # Succeeded, Failed, Running, Restarting, Pending, Suspended, Start, Waiting
+    index: int  # the stage that phase is about (the next to start for Start)
+    reason: str = ""
+    message: str = ""
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    def parse(t: str) -> datetime:
+        return datetime.fromisoformat(t.replace("Z", "+00:00"))
+
+    return max(0.0, (parse(end) - parse(start)).total_seconds())
+
+
+def observe_stages(
+    job: FineTuneJob, children: dict[str, dict[str, Any]], previous: list[dict[str, Any]], output_base: str
+) -> Plan:
+    """Stage statuses from the PyTorchJobs (by name) and the previous status, and the next step.
+
+    A stage whose PyTorchJob is gone keeps the state the status recorded when it was final,
+    so a deleted child never makes a finished stage run again.
+    """
+    prev = {s.get("name"): s for s in previous}
+    stages: list[dict[str, Any]] = []
+    plan: Plan | None = None
+    n = len(job.spec.stages)
+    for i, stage in enumerate(job.spec.stages):
+        name = pytorchjob.job_name(job.metadata.name, stage.name)
+        entry: dict[str, Any] = {"name": stage.name, "type": stage.type, "state": "Pending"}
+        old = prev.get(stage.name) or {}
+        for k in ("jobName", "startTime", "completionTime", "outputUri", "lastCheckpoint", "step", "totalSteps",
+                  "etaSeconds", "metrics", "message"):
+            if old.get(k) is not None:
+                entry[k] = old[k]
+        child = children.get(name)
+        if child is not None:
+            state, reason, message = pytorchjob.observe(child)
+            start, end = pytorchjob.times(child)
+            entry.update(state=state, jobName=name, message=f"{reason}: {message}" if message else reason)
+            if start:
+                entry["startTime"] = start
+            if end and state in TERMINAL:
+                entry["completionTime"] = end
+        elif old.get("state") in TERMINAL:
+            entry["state"] = old["state"]
+        if entry["state"] == "Succeeded":
+            entry["outputUri"] = stage_output_uri(output_base, stage)
+            entry.pop("etaSeconds", None)
+            if entry.get("totalSteps"):
+                entry["step"] = entry["totalSteps"]
+        stages.append(entry)
+        if plan is not None or entry["state"] == "Succeeded":
+            continue
+        label = f"Stage {i + 1}/{n} {stage.name}"
+        if entry["state"] == "Failed":
+            plan = Plan(stages, "Failed", i, r.STAGE_FAILED, f"{label} failed: {entry.get('message', '')}".rstrip(": "))
+        elif child is None:
+            plan = Plan(stages, "Start", i, r.PENDING, f"{label} is next.")
+        elif entry["state"] == "Running":
+            plan = Plan(stages, "Running", i, r.STAGE_RUNNING, f"{label} is running (PyTorchJob {name}).")
+        elif entry["state"] == "Restarting":
+            plan = Plan(stages, "Restarting", i, r.STAGE_RESTARTING,
+                        f"{label} is restarting after a retryable failure: {entry.get('message', '')}.")
+        elif entry["state"] == "Suspended":
+            plan = Plan(stages, "Suspended", i, r.STAGE_SUSPENDED, f"{label} is suspended (PyTorchJob {name}).")
+        else:
+            plan = Plan(stages, "Pending", i, r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name}).")
+    if plan is None:
+        done = f"All {n} stages succeeded." if n > 1 else "The stage succeeded."
+        return Plan(stages, "Succeeded", n - 1, r.ALL_STAGES_SUCCEEDED, done)
+    plan.stages = stages
+    return plan
+
+
+def progress(plan: Plan, total: int) -> tuple[str, str]:
+    """(currentStage, progress) for the printer columns, e.g. ("sft", "1/3 sft 42%")."""
+    done = sum(1 for s in plan.stages if s.get("state") == "Succeeded")
+    current = plan.stages[plan.index]
+    if plan.phase == "Succeeded":
+        return current["name"], f"{total}/{total}"
+    text = f"{done}/{total} {current['name']}"
+    step, steps = current.get("step"), current.get("totalSteps")
+    if plan.phase in ("Running", "Restarting", "Suspended") and step is not None and steps:
+        text += f" {min(100, int(100 * step / steps))}%"
+    if plan.phase == "Failed":
+        text += " failed"
+    return current["name"], text
+
+
+def job_conditions(
+    conditions: list[dict[str, Any]],
+    generation: int | None,
+    *,
+    phase: str,
+    reason: str,
+    message: str,
+    accepted: tuple[bool, str, str] = (True, r.VALID, "The spec passed every check."),
+    suspended: bool = False,
+) -> list[dict[str, Any]]:
+    """Every condition of a FineTuneJob for one phase (Succeeded, Failed, Invalid, Running,
+    Restarting, Pending, Start, Waiting, Suspended); the whole list, apimachinery-style."""
+    def put(ctype: str, status: str, why: str, text: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, ctype, status, why, text, generation)  # type: ignore[arg-type]
+
+    ok, accepted_reason, accepted_message = accepted
+    put(r.ACCEPTED, "True" if ok else "False", accepted_reason, accepted_message)
+    if suspended:
+        put(r.SUSPENDED, "True", r.SUSPENDED_BY_USER, "spec.runPolicy.suspend is true: no new stage starts.")
+    else:
+        put(r.SUSPENDED, "False", r.NOT_SUSPENDED, "The job is not suspended.")
+    if phase == "Succeeded":
+        put(r.RUNNING, "False", r.ALL_STAGES_SUCCEEDED, message)
+        put(r.SUCCEEDED, "True", reason, message)
+        put(r.FAILED, "False", reason, message)
+        put(r.READY, "True", reason, message)
+        put(r.RECONCILING, "False", r.DONE, "Nothing more to do.")
+        put(r.STALLED, "False", r.NOT_STALLED, "Nothing more to do.")
+    elif phase in ("Failed", "Invalid"):
+        put(r.RUNNING, "False", reason, message)
+        put(r.SUCCEEDED, "False", reason, message)
+        put(r.FAILED, "True", reason, message)
+        put(r.READY, "False", reason, message)
+        put(r.RECONCILING, "False", reason, "The job stopped; see the Failed condition.")
+        put(r.STALLED, "True", reason, message)
+    else:
+        running = phase in ("Running", "Restarting")
+        put(r.RUNNING, "True" if running else "False", reason, message)
+        put(r.SUCCEEDED, "Unknown", reason, message)
+        put(r.FAILED, "False", reason, message)
+        put(r.READY, "False", reason if suspended else r.IN_PROGRESS, message)
+        if suspended and not running:
+            put(r.RECONCILING, "False", r.SUSPENDED_BY_USER, message)
+        else:
+            put(r.RECONCILING, "True", r.IN_PROGRESS, message)
+        put(r.STALLED, "False", r.NOT_STALLED, "The job is on its way." if ok else accepted_message)
+    return conditions
+
+
+_LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d[ T]|[EWI]\d{4} )")
+
+
+def last_words(message: str, limit: int = 600) -> str:
+    """The part of a container's termination message that says why it failed.
+
+    With FallbackToLogsOnError that is the log's tail: the trainer's "Failed stage ..." record
+    (with the lines it continues on: bad rows and their line numbers), else the last lines.
+    """
+    lines = [line for line in message.splitlines() if line.strip()]
+    start = max((i for i, line in enumerate(lines) if "Failed stage" in line), default=None)
+    if start is None:
+        picked = lines[-3:]
+    else:
+        picked = [lines[start]]
+        for line in lines[start + 1:]:
+            if _LOG_PREFIX.match(line):
+                break
+            picked.append(line)
+    text = " ".join(" ".join(picked).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def failure_detail(pods: list[dict[str, Any]]) -> str:
+    """What the failed pods of a stage say: exit code, its meaning, the container's last words."""
+    parts = []
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        name, namespace = pod["metadata"]["name"], pod["metadata"].get("namespace", "")
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if not term or not term.get("exitCode"):
+                continue
+            code = int(term["exitCode"])
+            meaning = EXIT_CODES.get(code, "retryable" if code >= 128 else "a permanent error")
+            last = last_words(str(term.get("message") or ""))
+            parts.append(f"pod {name} exited with code {code} ({meaning})" + (f": {last}" if last else "")
+                         + f"; see kubectl logs -n {namespace} {name}")
+    return "; ".join(parts[:2])
+
+
+def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
+    """The ModelAdapter spec that serves a succeeded job: the last stage's LoRA adapter on the
+    model that stage started from, or the whole (merged) model."""
+    stages = job.spec.stages
+    last = stages[-1]
+    base = job.spec.model.uri if len(stages) == 1 else stage_model_uri(output_base, stages[-2])
+    publish = job.spec.publish
+    serving: dict[str, Any] = {}
+    if publish is not None:
+        serving = {"runtime": publish.runtime, "gpus": publish.gpus, "shareServer": publish.share_server}
+    if last.tuning.method != "full" and not job.spec.output.merge and base:
+        return {"baseModelUri": base, "adapterUri": stage_output_uri(output_base, last), "serving": serving}
+    return {"mergedUri": stage_model_uri(output_base, last), "serving": serving}

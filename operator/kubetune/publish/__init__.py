@@ -1,0 +1,1 @@
+"""Serving trained models: ModelAdapters rendered into KServe InferenceServices (`kserve.py`)."""

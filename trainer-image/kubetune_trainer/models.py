@@ -1,0 +1,368 @@
+"""Models and tokenizers: load or initialise them, quantize, wrap in PEFT, save them.
+
+    from kubetune_trainer import models
+    tokenizer = models.load_tokenizer(run, texts)       # or train one for model.init
+    model = models.load_model(run, tokenizer)            # AutoModelForCausalLM, fp32/bf16 or 4-bit
+    peft_config = models.lora_config(run)                # None for tuning.method full
+
+What a stage writes (`save_outputs`): the trained model or adapter in safetensors at the stage
+folder, the tokenizer always, and for LoRA stages with `merge` the merged weights plus the
+tokenizer at `<output>/merged/`, which is what the next stage loads (see
+`kubetune.api.stagerun.stage_model_uri`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from kubetune.api import StageRun
+from kubetune.api.finetunejob import ModelInit
+
+from kubetune_trainer import storage
+
+log = logging.getLogger("kubetune_trainer")
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+
+# kubetune's default chat template: ChatML (as Qwen and many others use it), without a default
+# system prompt. Assistant turns sit inside {% generation %} markers, so TRL's
+# assistant_only_loss can mask everything else; the end-of-turn token is inside the marker so
+# the model learns to stop. Tool calls are rendered as <tool_call>{json}</tool_call> and tool
+# results as a `tool` turn.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '<tool_call>{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+# --- precision and devices ----------------------------------------------------------------
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype mixed precision computes in: bf16 on GPUs that have it (auto), fp32 on CPU."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "fp32" or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# --- tokenizers ---------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Any:
+    """A byte-level BPE tokenizer trained on `texts`, with kubetune's special tokens and ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+    )
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+def load_tokenizer(run: StageRun, texts: Iterable[str] | None = None) -> Any:
+    """The stage's tokenizer: the input model's, the one model.init names, or one trained on `texts`."""
+    from transformers import AutoTokenizer
+
+    init = run.model_init
+    if run.model_uri is not None:
+        path = storage.local_path(run.model_uri)
+    elif init is not None and init.tokenizer.uri is not None:
+        path = storage.local_path(init.tokenizer.uri)
+    elif init is not None and init.tokenizer.train is not None:
+        if texts is None:
+            raise ValueError("model.init.tokenizer.train needs text data to train on; use a pretrain stage first")
+        t = init.tokenizer.train
+        return train_tokenizer(texts, t.vocab_size, t.min_frequency)
+    else:
+        raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=run.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def ensure_chat_template(tokenizer: Any, template: str | None) -> list[str]:
+    """Give the tokenizer a chat template: `template`, else its own, else kubetune's ChatML.
+
+    Returns the special tokens that had to be added (ChatML markers a base model lacks); the
+    caller resizes the embeddings for them.
+    """
+    if template is not None:
+        tokenizer.chat_template = template
+        return []
+    if tokenizer.chat_template:
+        return []
+    tokenizer.chat_template = CHATML_TEMPLATE
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (IM_START, IM_END) if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        log.warning("Added ChatML tokens to the tokenizer tokens=%s; their embeddings start untrained", missing)
+    return missing
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a generated answer: eos, plus ChatML's <|im_end|> when the tokenizer has it."""
+    ids = [tokenizer.eos_token_id]
+    im_end = tokenizer.get_vocab().get(IM_END)
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return [i for i in ids if i is not None]
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def init_config(init: ModelInit, tokenizer: Any) -> Any:
+    """A transformers config for a model built from scratch."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    vocab = len(tokenizer)
+    # Gated MLPs (llama, qwen2) have three matrices, so 8/3 x keeps the parameter count of a 4 x MLP;
+    # rounded up to a multiple of 32, which bitsandbytes' CPU 4-bit kernels (qlora) require.
+    gated_width = int(math.ceil(init.hidden_size * 8 / 3 / 32) * 32)
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id}
+    if init.architecture == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_positions=init.max_position_embeddings, n_embd=init.hidden_size,
+            n_layer=init.num_layers, n_head=init.num_heads,
+            n_inner=init.intermediate_size or 4 * init.hidden_size, **ids,
+        )
+    cls = LlamaConfig if init.architecture == "llama" else Qwen2Config
+    return cls(
+        vocab_size=vocab,
+        hidden_size=init.hidden_size,
+        num_hidden_layers=init.num_layers,
+        num_attention_heads=init.num_heads,
+        num_key_value_heads=init.num_key_value_heads or init.num_heads,
+        intermediate_size=init.intermediate_size or gated_width,
+        max_position_embeddings=init.max_position_embeddings,
+        **ids,
+    )
+
+
+def quantization_config(run: StageRun) -> Any:
+    """bitsandbytes nf4 4-bit with double quantization for qlora; None otherwise."""
+    if run.tuning.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(run.hyperparameters.precision),
+    )
+
+
+def check_tuning(run: StageRun) -> None:
+    """Refuse combinations that cannot work, with the fix in the message."""
+    if run.tuning.method != "full" and run.model_uri is None:
+        raise ValueError(
+            f"tuning.method {run.tuning.method} adapts an existing model, but stage {run.stage} builds one from "
+            "scratch (model.init); use tuning.method full for it, or start from spec.model.uri"
+        )
+    if run.tuning.method == "qlora" and not torch.cuda.is_available():
+        log.warning("Using qlora on CPU: bitsandbytes runs 4-bit on CPU, but slowly; use lora or a GPU")
+
+
+def base_dtype(run: StageRun) -> torch.dtype:
+    """Weights dtype on load: fp32 master weights for full training; the compute dtype under frozen LoRA bases."""
+    if run.tuning.method == "full":
+        return torch.float32
+    return compute_dtype(run.hyperparameters.precision)
+
+
+def load_model(run: StageRun, tokenizer: Any, kind: str = "causal", uri: str | None = None) -> Any:
+    """The model a stage trains: from `uri` (default: run.modelUri) or built from run.modelInit.
+
+    kind: "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification, one label).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    uri = uri or run.model_uri
+    if uri is None:
+        if run.model_init is None:
+            raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+        config = init_config(run.model_init, tokenizer)
+        if kind == "reward":
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+        log.info("Initialised model architecture=%s parameters=%d", run.model_init.architecture, count_parameters(model))
+        return model
+    path = str(storage.local_path(uri))
+    kwargs: dict[str, Any] = {"dtype": base_dtype(run), "trust_remote_code": run.trust_remote_code}
+    q = quantization_config(run)
+    if q is not None:
+        kwargs["quantization_config"] = q
+        if torch.cuda.is_available():
+            import os
+
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if kind == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("Loaded model uri=%s parameters=%d dtype=%s", uri, count_parameters(model), kwargs["dtype"])
+    return model
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (new rows start at the mean embedding)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def prepare_for_kbit(model: Any, run: StageRun) -> Any:
+    """peft's preparation of a 4-bit base (fp32 norms, input gradients) for qlora; a no-op otherwise."""
+    if run.tuning.method != "qlora":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=run.hyperparameters.gradient_checkpointing
+    )
+
+
+def lora_config(run: StageRun, task_type: str = "CAUSAL_LM", trainable_tokens: dict[str, list[int]] | None = None) -> Any:
+    """peft.LoraConfig from tuning.lora (None for full fine-tuning).
+
+    trainable_tokens: {embedding module name: token ids} whose embedding rows train although
+    the base is frozen (tokens the stage added for its chat template).
+    """
+    if run.tuning.method == "full":
+        return None
+    from peft import LoraConfig
+
+    from kubetune.api.finetunejob import LoraSpec
+
+    spec = run.tuning.lora or LoraSpec()
+    targets: str | list[str] = "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
+    extra: dict[str, Any] = {}
+    if trainable_tokens:
+        extra["trainable_token_indices"] = trainable_tokens
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        use_dora=spec.use_dora,
+        task_type=task_type,
+        **extra,
+    )
+
+
+def new_token_rows(model: Any, tokenizer: Any, tokens: list[str]) -> dict[str, list[int]] | None:
+    """{input embedding module name: ids} of tokens added to the tokenizer, for lora_config."""
+    if not tokens:
+        return None
+    embeddings = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embeddings).split(".")[-1]
+    return {name: tokenizer.convert_tokens_to_ids(tokens)}
+
+
+def count_parameters(model: Any, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+# --- saving -------------------------------------------------------------------------------
+
+
+def merge_adapter(run: StageRun, out: Path, tokenizer: Any, kind: str = "causal") -> Path:
+    """Fold the LoRA adapter saved at `out` into a full-precision copy of its base; write `<out>/merged`.
+
+    The base is reloaded unquantized (qlora included): merging into 4-bit weights would lose the update.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    assert run.model_uri is not None
+    path = str(storage.local_path(run.model_uri))
+    cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": run.trust_remote_code}
+    if kind == "reward":
+        kwargs["num_labels"] = 1
+    base = cls.from_pretrained(path, **kwargs)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    fit_embeddings(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    target = out / "merged"
+    merged.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    log.info("Wrote merged model path=%s", target)
+    return target
+
+
+def load_trained(run: StageRun, out: Path, kind: str = "causal") -> Any:
+    """Reload what a stage wrote (model, or base + adapter) for evaluation on one process."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"trust_remote_code": run.trust_remote_code}
+    if kind == "reward":
+        kwargs["num_labels"] = 1
+    if run.tuning.method == "full":
+        return cls.from_pretrained(str(out), dtype=torch.float32, **kwargs)
+    if (out / "merged").exists():
+        return cls.from_pretrained(str(out / "merged"), dtype=torch.float32, **kwargs)
+    from peft import PeftModel
+
+    from transformers import AutoTokenizer
+
+    assert run.model_uri is not None
+    base = cls.from_pretrained(str(storage.local_path(run.model_uri)), dtype=torch.float32, **kwargs)
+    fit_embeddings(base, AutoTokenizer.from_pretrained(str(out)))
+    return PeftModel.from_pretrained(base, str(out))

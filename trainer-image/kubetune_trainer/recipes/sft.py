@@ -1,0 +1,99 @@
+"""kubetune-train STAGERUN.json   (a stage of type sft)
+
+Supervised fine-tuning with TRL's SFTTrainer on one of three formats:
+
+    text              {text}: language modelling on every token
+    promptCompletion  {prompt, completion}: the loss on the completion only (sft.completionOnlyLoss)
+    messages          {messages: [{role, content, tool_calls?}]}: system, user, assistant and tool turns
+                      through the chat template (sft.chatTemplate, else the model's own, else
+                      kubetune's ChatML); the loss on assistant turns only (sft.completionOnlyLoss)
+
+`hyperparameters.packing` packs examples into maxLength sequences (TRL's best-fit-decreasing,
+padding-free: each example keeps its own positions). Held-out figure: exact-match accuracy of
+greedy answers to held-out prompts (exactMatch), before and after, plus one sample answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.api import StageRun
+from kubetune.api.finetunejob import SftSpec
+from trl import SFTConfig, SFTTrainer
+
+from kubetune_trainer import common, evals, models
+from kubetune_trainer.common import Context
+
+
+def texts_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Plain text of each row, to train a tokenizer on when the stage builds a model from scratch."""
+    out = []
+    for r in rows:
+        if "text" in r:
+            out.append(r["text"])
+        elif "messages" in r:
+            out.append("\n".join(str(m.get("content") or "") for m in r["messages"]))
+        else:
+            out.append(f"{r['prompt']}{r['completion']}")
+    return out
+
+
+def run(run: StageRun, ctx: Context) -> dict[str, Any]:
+    hp = run.hyperparameters
+    spec = run.sft or SftSpec()
+    fmt = run.dataset.format
+
+    # --- load
+    rows, held_out = common.load_data(run)
+
+    # --- build
+    models.check_tuning(run)
+    tokenizer = models.load_tokenizer(run, texts_of(rows))
+    new_tokens: list[str] = []
+    if fmt == "messages" or spec.chat_template:
+        new_tokens = models.ensure_chat_template(tokenizer, spec.chat_template)
+    model = models.load_model(run, tokenizer)
+    models.fit_embeddings(model, tokenizer)
+    model = models.prepare_for_kbit(model, run)
+    pairs = evals.prompts_and_references(held_out[: common.EVAL_LIMIT], tokenizer)
+
+    before = answers_before = None
+    if ctx.is_main and pairs:
+        accuracy, answers_before = evals.exact_match(model, tokenizer, pairs)
+        before = {"exactMatch": accuracy}
+    common.barrier()
+
+    args = common.training_args(
+        run, ctx, SFTConfig,
+        max_length=hp.max_length,
+        packing=hp.packing,
+        completion_only_loss=spec.completion_only_loss if fmt == "promptCompletion" else None,
+        assistant_only_loss=spec.completion_only_loss and fmt == "messages",
+        eval_strategy="steps" if hp.eval_steps and held_out else "no",
+        eval_steps=hp.eval_steps,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=common.to_dataset(rows),
+        eval_dataset=common.to_dataset(held_out) if hp.eval_steps and held_out else None,
+        processing_class=tokenizer,
+        peft_config=models.lora_config(run, trainable_tokens=models.new_token_rows(model, tokenizer, new_tokens)),
+        callbacks=ctx.callbacks,
+    )
+
+    # --- train
+    common.train(trainer, ctx)
+
+    # --- save
+    common.save(trainer, run, ctx, tokenizer)
+
+    after = sample = None
+    if ctx.is_main and pairs:
+        trained = models.load_trained(run, ctx.out)
+        accuracy, answers_after = evals.exact_match(trained, tokenizer, pairs)
+        after = {"exactMatch": accuracy}
+        assert answers_before is not None
+        sample = {"prompt": pairs[0][0], "reference": pairs[0][1],
+                  "before": answers_before[0], "after": answers_after[0]}
+    return common.report(run, ctx, trainer, "exactMatch", before, after, sample, len(pairs))

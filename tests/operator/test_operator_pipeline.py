@@ -10,9 +10,9 @@ import pytest
 from kubetune import metrics
 from kubetune.api import FineTuneJob, find_condition
 from kubetune.api import reasons as r
-from kubetune.controllers.finetunejob import check
 from kubetune.controllers.pipeline import (
     adapter_spec,
+    check,
     failure_detail,
     job_conditions,
     last_words,

@@ -6,6 +6,7 @@
     common.py      what every recipe shares: data, TrainingArguments, DeepSpeed, checkpoints, metrics.json
     callbacks.py   progress.json and the Prometheus endpoint
     evals.py       held-out figures before and after training
+    demo.py        print each stage's before/after figures from metrics.json
     data/          loading, formatting and validation of each dataset format
     storage.py     uri <-> local path
 """

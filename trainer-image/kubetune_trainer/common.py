@@ -44,7 +44,7 @@ DEFAULT_LEARNING_RATES: dict[str, tuple[float, float]] = {
     "kto": (1e-6, 5e-6),
 }
 # Held-out examples scored before and after training (generation is the slow part).
-EVAL_LIMIT = 64
+EVAL_LIMIT = 200
 
 
 @dataclass

@@ -35,6 +35,7 @@ A retried stage resumes from its newest complete checkpoint.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import logging
 import os
@@ -52,6 +53,8 @@ EXIT_OOM = 201
 EXIT_DISTRIBUTED = 202
 EXIT_IO = 203
 EXIT_ACCELERATOR = 204
+
+DIST_TIMEOUT_SECONDS = 3600
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -126,6 +129,9 @@ def setup_distributed(run: Any) -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
+        # Rank 0 evaluates on held-out data alone before and after training while the others wait
+        # in a collective; the default NCCL timeout (10 minutes) is too short for a large model.
+        timeout = datetime.timedelta(seconds=DIST_TIMEOUT_SECONDS)
         if run.distributed.deepspeed is not None:
             import deepspeed
 
@@ -135,9 +141,9 @@ def setup_distributed(run: Any) -> tuple[int, int, int]:
                 import deepspeed.comm.torch  # noqa: F401 - the name is shadowed by torch in deepspeed.comm
 
                 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-            deepspeed.init_distributed(dist_backend=backend)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         log.info("Joined process group backend=%s rank=%d worldSize=%d", backend, rank, world)
     return rank, world, local_rank
 
@@ -178,8 +184,9 @@ def _die_with_agent() -> None:
         import ctypes
         import signal
 
+        agent = os.getppid()  # may be 1 legitimately: the agent is PID 1 in a container
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the agent died before the line above ran
+        if os.getppid() != agent:  # the agent died before the line above ran
             os._exit(128 + signal.SIGKILL)
 
 
@@ -218,8 +225,7 @@ def run_stage(path: str) -> int:
             storage.upload(out, run.output_uri)
             log.info("Finished stage stage=%s step=%s trainLoss=%s before=%s after=%s", run.stage,
                      result.get("globalStep"), result.get("trainLoss"), result.get("before"), result.get("after"))
-        common.barrier()
-        return EXIT_OK
+        return EXIT_OK  # the other ranks may leave first: torchrun waits for every worker
     except Exception as exc:  # every failure leaves through an exit code the operator can act on
         code = exit_code_for(exc)
         kind = "retryable" if code >= 128 else "permanent"

@@ -20,7 +20,6 @@ from typing import Any, cast
 
 import kopf
 from kubernetes import client
-from pydantic import ValidationError
 
 from kubetune import metrics
 from kubetune.api import reasons as r
@@ -28,8 +27,7 @@ from kubetune.api.finetunejob import FORMATS_BY_STAGE, FineTuneJob
 from kubetune.api.meta import API_VERSION, find_condition, is_true, now_rfc3339
 from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
 from kubetune.api.stagerun import StageData, render_stage_run
-from kubetune.api.validation import semantic_problems
-from kubetune.backends import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, child_name, label_value, pod_annotations
+from kubetune.backends import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, child_name, label_value
 from kubetune.backends import pytorchjob as backend
 from kubetune.backends import trainer_metrics
 from kubetune.controllers import common
@@ -37,6 +35,7 @@ from kubetune.controllers.common import FINETUNEJOBS, MODELADAPTERS, PREFERENCED
 from kubetune.controllers.pipeline import (
     Plan,
     adapter_spec,
+    check,
     failure_detail,
     job_conditions,
     observe_stages,
@@ -202,39 +201,6 @@ def _reconcile(body: dict[str, Any], scrape: bool) -> None:
     metrics.set_job_conditions(key, common.true_conditions(new_conditions))
     if plan.phase == "Waiting":
         raise kopf.TemporaryError(plan.message, delay=WAIT_SECONDS)
-
-
-def check(body: dict[str, Any]) -> tuple[FineTuneJob | None, list[str]]:
-    """The job's model and what keeps it from running on a cluster, each problem with its fix."""
-    try:
-        job = FineTuneJob.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-    except ValidationError as e:
-        return None, [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-    problems = [f"{p.path}: {p.message}" for p in semantic_problems(job) if p.severity == "error"]
-    spec = job.spec
-    out = spec.output.uri
-    if not out or not out.startswith(("pvc://", "s3://")):
-        problems.append(
-            f"spec.output.uri: {'is not set' if not out else out + ' is not shared storage'}; the stages' pods write "
-            "there and the next stage reads from there, so set it to pvc://<claim>/<path> or s3://<bucket>/<path>")
-    uris = [("spec.model.uri", spec.model.uri)]
-    if spec.model.init is not None:
-        uris.append(("spec.model.init.tokenizer.uri", spec.model.init.tokenizer.uri))
-    for i, stage in enumerate(spec.stages):
-        uris += [(f"spec.stages[{i}].dataset.uri", stage.dataset.uri),
-                 (f"spec.stages[{i}].dataset.validationUri", stage.dataset.validation_uri)]
-        if stage.tuning.method == "qlora" and stage.resources.gpus_per_node == 0:
-            problems.append(f"spec.stages[{i}].resources.gpusPerNode: QLoRA quantizes the base model with "
-                            "bitsandbytes on GPUs; set gpusPerNode to 1 or more, or use tuning.method lora")
-        try:
-            pod_annotations(job.metadata.annotations, stage.name)
-        except ValueError as e:
-            problems.append(f"metadata.annotations: {e}")
-    for path, uri in uris:
-        if uri and uri.startswith("file://"):
-            problems.append(f"{path}: {uri} is a path on one machine (for `kubetune run`); on a cluster use "
-                            "pvc://, s3:// or hf://")
-    return job, sorted(set(problems), key=problems.index)
 
 
 def start_stage(

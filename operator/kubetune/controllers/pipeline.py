@@ -1,4 +1,4 @@
-"""The FineTuneJob state machine as pure functions: observed world in, status out.
+"""The FineTuneJob state machine as pure functions: spec checks, observed world in, status out.
 
 `controllers/finetunejob.py` reads the cluster (the job, its PyTorchJobs, its
 PreferenceDatasets), calls `observe_stages` and `job_conditions`, acts (creates the next
@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune.api import reasons as r
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.meta import set_condition
 from kubetune.api.stagerun import stage_model_uri, stage_output_uri
-from kubetune.backends import pytorchjob
+from kubetune.api.validation import semantic_problems
+from kubetune.backends import pod_annotations, pytorchjob
 
 TERMINAL = ("Succeeded", "Failed")
 ACTIVE = ("Pending", "Running", "Restarting", "Suspended")
@@ -53,6 +56,39 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
         return datetime.fromisoformat(t.replace("Z", "+00:00"))
 
     return max(0.0, (parse(end) - parse(start)).total_seconds())
+
+
+def check(body: dict[str, Any]) -> tuple[FineTuneJob | None, list[str]]:
+    """The job's model and what keeps it from running on a cluster, each problem with its fix."""
+    try:
+        job = FineTuneJob.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+    except ValidationError as e:
+        return None, [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+    problems = [f"{p.path}: {p.message}" for p in semantic_problems(job) if p.severity == "error"]
+    spec = job.spec
+    out = spec.output.uri
+    if not out or not out.startswith(("pvc://", "s3://")):
+        problems.append(
+            f"spec.output.uri: {'is not set' if not out else out + ' is not shared storage'}; the stages' pods write "
+            "there and the next stage reads from there, so set it to pvc://<claim>/<path> or s3://<bucket>/<path>")
+    uris = [("spec.model.uri", spec.model.uri)]
+    if spec.model.init is not None:
+        uris.append(("spec.model.init.tokenizer.uri", spec.model.init.tokenizer.uri))
+    for i, stage in enumerate(spec.stages):
+        uris += [(f"spec.stages[{i}].dataset.uri", stage.dataset.uri),
+                 (f"spec.stages[{i}].dataset.validationUri", stage.dataset.validation_uri)]
+        if stage.tuning.method == "qlora" and stage.resources.gpus_per_node == 0:
+            problems.append(f"spec.stages[{i}].resources.gpusPerNode: QLoRA quantizes the base model with "
+                            "bitsandbytes on GPUs; set gpusPerNode to 1 or more, or use tuning.method lora")
+        try:
+            pod_annotations(job.metadata.annotations, stage.name)
+        except ValueError as e:
+            problems.append(f"metadata.annotations: {e}")
+    for path, uri in uris:
+        if uri and uri.startswith("file://"):
+            problems.append(f"{path}: {uri} is a path on one machine (for `kubetune run`); on a cluster use "
+                            "pvc://, s3:// or hf://")
+    return job, sorted(set(problems), key=problems.index)
 
 
 def observe_stages(

@@ -8,7 +8,7 @@ PYTEST  := $(PY) -m pytest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps demo test unit e2e crds check clean
+.PHONY: setup system-deps tools demo test unit e2e crds check clean
 
 # Commands the local control plane needs, and the Debian package of each.
 SYSTEM_TOOLS := openssl:openssl curl:curl flock:util-linux
@@ -31,14 +31,21 @@ test: setup check unit e2e
 
 check: setup
 	$(VENV)/bin/kubetune crds --check
+	helm/sync-crds.sh --check
 	$(VENV)/bin/kubetune validate examples/*.yaml
 	$(PY) -m mypy
 
-unit: setup
+unit: setup tools
 	$(PYTEST) tests
 
-e2e: setup system-deps
+e2e: setup tools
 	$(PYTEST) e2e
+
+# helm, kubeconform and the control plane, built from their Go modules (cached by version),
+# and Debian's prometheus for promtool.
+tools: system-deps
+	e2e/cluster/build
+	e2e/helm/prometheus.sh install
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -48,6 +55,7 @@ system-deps:
 
 crds: setup
 	$(VENV)/bin/kubetune crds
+	helm/sync-crds.sh
 
 clean:
 	rm -rf runs examples/data

@@ -46,7 +46,7 @@ TINY = {
                            "maxPositionEmbeddings": 64, "tokenizer": {"train": {"vocabSize": 300}}}},
         "stages": [{"name": "pretrain", "type": "pretrain",
                     "dataset": {"uri": "file://data/pretrain/train.jsonl", "format": "text"},
-                    "hyperparameters": {"maxSteps": 800, "learningRate": 3.0e-3, "batchSize": 8, "maxLength": 64,
+                    "hyperparameters": {"maxSteps": 400, "learningRate": 3.0e-3, "batchSize": 8, "maxLength": 64,
                                         "loggingSteps": 10, "saveSteps": 10000},
                     "resources": {"gpusPerNode": 0}}],
     },

@@ -146,11 +146,6 @@ def test_restricted_namespace_accepts_a_rendered_single_node_pytorchjob(
     assert _refusals(admin_api, enforcing) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the training-operator adds an `init-pytorch` init container (waits for the master's DNS name) to Worker "
-    "pods, without a securityContext, so PodSecurity restricted refuses them; fixed by starting the "
-    "training-operator with --pytorch-init-container-template-file (e2e/helm/pytorch-init-container.yaml) or "
-    "by rendering multi-node stages without a Master replica"))
 def test_restricted_namespace_accepts_a_rendered_multi_node_pytorchjob(
     admin_api: client.ApiClient, enforcing: str
 ) -> None:

@@ -40,11 +40,9 @@ from e2e.operator.conftest import (
 
 MAX_STEPS = 20
 # The training-operator adds an `init-pytorch` container (it waits for the master's DNS name) to
-# worker pods, and its default template has no securityContext: a namespace that enforces
-# PodSecurity "restricted" refuses multi-node workers unless the training-operator is started
-# with a --pytorch-init-container-template-file that sets one. kubetune's own containers are
-# restricted-clean (the pipeline tests run under "restricted").
-POD_SECURITY = "baseline"
+# worker pods; the local cluster starts it with e2e/cluster/pytorch-init-container.yaml, whose
+# securityContext PodSecurity "restricted" admits, so multi-node stages run there too.
+POD_SECURITY = "restricted"
 
 
 def tiny_pretraining() -> dict[str, Any]:

@@ -123,7 +123,7 @@ class ModelInit(KubeModel):
         default=None, ge=1, le=512, description="Key/value heads for grouped-query attention (default: numHeads)."
     )
     intermediate_size: int | None = Field(
-        default=None, ge=8, le=262144, description="Width of the MLP (default: 4 x hiddenSize, or 8/3 x for llama)."
+        default=None, ge=8, le=262144, description="Width of the MLP (default: 4 x hiddenSize for gpt2; 8/3 x for llama and qwen2, rounded up to a multiple of 32)."
     )
     max_position_embeddings: int = Field(
         default=512, ge=16, le=1048576, description="Longest sequence the model can attend over."

@@ -3,8 +3,8 @@
     kubetune run examples/pipeline-tiny.yaml [--nproc 2] [--resume]
 
 Each stage is rendered into a StageRun (`<run>/<stage>/stagerun.json`, the same object the
-operator puts in a ConfigMap) and run as `torchrun -m kubetune_trainer.launch` (that is,
-`kubetune-train`). The run's state lives in `<run>/run.json`, so an interrupted run (Ctrl-C,
+operator puts in a ConfigMap) and run by `kubetune-train --nproc-per-node N`, which is torchrun
+in-process (standalone rendezvous) so the workers' own exit codes come back. The run's state lives in `<run>/run.json`, so an interrupted run (Ctrl-C,
 a kill, a crash) continues with `--resume`: finished stages are skipped and the stage that
 was cut short restarts from its newest complete checkpoint.
 """
@@ -157,8 +157,8 @@ class Runner:
             f"{'Resumed' if resumed else 'Started'} stage {entry['name']} ({entry['type']}) "
             f"[{index + 1}/{len(self.state['stages'])}] nproc={self.nproc}"
         )
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-               "-m", "kubetune_trainer.launch", str(run_file)]
+        # kubetune-train is the torchrun agent itself (--nproc-per-node), so workers' exit codes survive
+        cmd = [sys.executable, "-m", "kubetune_trainer.launch", f"--nproc-per-node={self.nproc}", str(run_file)]
         env = {**os.environ, "KUBETUNE_BASE_DIR": str(self.plan.base_dir), "PYTHONUNBUFFERED": "1"}
         with (stage_dir / LOG_FILE).open("a") as log:
             log.write(f"\n=== {now_rfc3339()} {' '.join(cmd)}\n")
@@ -186,7 +186,8 @@ class Runner:
         entry.update(state="Succeeded", completionTime=now_rfc3339(), step=progress.get("step"),
                      outputUri=stage_run.output_uri)
         self._save()
-        figures = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        flat = metrics.get("metrics", {})
+        figures = ", ".join(f"{k}={v:.4g}" for k, v in flat.items() if isinstance(v, (int, float)))
         self.console.print(f"Succeeded stage {entry['name']}: {figures}")
         return 0
 

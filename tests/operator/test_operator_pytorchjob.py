@@ -143,9 +143,13 @@ def test_pods_satisfy_podsecurity_restricted_unless_turned_off() -> None:
     assert pod(pj)["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod(pj)["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container(pj)["securityContext"] == {
-        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
         "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
     }
+    writable = {m["mountPath"] for m in container(pj)["volumeMounts"] if not m.get("readOnly")}
+    assert {"/tmp", "/cache", "/dev/shm"} <= writable
+    env = {e["name"]: e["value"] for e in container(pj)["env"]}
+    assert env["HOME"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
     assert "securityContext" not in pod(loose)["spec"] and "securityContext" not in container(loose)
 
 

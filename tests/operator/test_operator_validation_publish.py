@@ -40,7 +40,7 @@ def test_the_validation_job_runs_the_validator_and_reports_through_the_terminati
     assert c["terminationMessagePath"] == "/dev/termination-log" and c["terminationMessagePolicy"] == "File"
     assert pod["restartPolicy"] == "Never"
     assert pod["tolerations"] == [{"key": "k", "operator": "Exists"}]
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/mnt/pvc/data", "/cache"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/mnt/pvc/data", "/cache", "/tmp"}
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [1, 2]
 
 

@@ -134,7 +134,25 @@ def security_contexts(settings: BackendSettings) -> tuple[dict[str, Any], dict[s
     container = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,  # writes go to the emptyDirs of `scratch_space`
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     return pod, container
+
+
+def scratch_space() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+    """(volumes, mounts, env) of the only writable places of a trainer pod besides its output:
+    /cache (home, model hub cache, compiled kernels) and /tmp, both emptyDirs, so the root
+    filesystem can stay read-only."""
+    volumes = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    env = [
+        {"name": "HOME", "value": f"{CACHE_DIR}/home"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "KUBETUNE_CACHE", "value": f"{CACHE_DIR}/kubetune"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{CACHE_DIR}/torch_extensions"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+    ]
+    return volumes, mounts, env

@@ -23,7 +23,6 @@ from kubetune.backends import (
     LABEL_STAGE,
     LABEL_STAGE_INDEX,
     MANAGED_BY,
-    CACHE_DIR,
     PVC_ROOT,
     BackendSettings,
     child_name,
@@ -31,6 +30,7 @@ from kubetune.backends import (
     pod_annotations,
     pvc_claim,
     pvc_volumes,
+    scratch_space,
     security_contexts,
 )
 
@@ -114,22 +114,24 @@ def _pod_template(
     stage = job.spec.stages[index]
     pod_sc, container_sc = security_contexts(settings)
     volumes, mounts = pvc_volumes(_claims(run))
+    scratch_volumes, scratch_mounts, scratch_env = scratch_space()
     volumes = [
         {"name": "stagerun", "configMap": {"name": name}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": stage.resources.shm_size}},
-        {"name": "cache", "emptyDir": {}},
+        *scratch_volumes,
         *volumes,
     ]
     mounts = [
         {"name": "stagerun", "mountPath": STAGERUN_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "cache", "mountPath": CACHE_DIR},
+        *scratch_mounts,
         *mounts,
     ]
     env = [
         {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        *scratch_env,
     ]
     ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}]
     if run.metrics_port:

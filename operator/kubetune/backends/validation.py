@@ -22,16 +22,17 @@ from typing import Any
 
 from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
 from kubetune.backends import (
-    CACHE_DIR,
     LABEL_DATASET,
     LABEL_MANAGED_BY,
     MANAGED_BY,
+    PVC_ROOT,
     BackendSettings,
     child_name,
     label_value,
     pod_annotations,
     pvc_claim,
     pvc_volumes,
+    scratch_space,
     security_contexts,
 )
 
@@ -64,14 +65,16 @@ def render(dataset: PreferenceDataset, settings: BackendSettings) -> dict[str, A
     pod_sc, container_sc = security_contexts(settings)
     claim = pvc_claim(dataset.spec.source.uri)
     volumes, mounts = pvc_volumes({claim: True} if claim else {})
-    volumes.append({"name": "cache", "emptyDir": {}})
-    mounts.append({"name": "cache", "mountPath": CACHE_DIR})
+    scratch_volumes, scratch_mounts, scratch_env = scratch_space()
+    volumes += scratch_volumes
+    mounts += scratch_mounts
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": command(dataset),
-        "env": [{"name": "KUBETUNE_PVC_ROOT", "value": "/mnt/pvc"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}],
+        "env": [{"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+                *scratch_env],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},

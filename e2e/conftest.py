@@ -11,6 +11,8 @@ as it is and left running afterwards.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import subprocess
@@ -140,19 +142,28 @@ def admin_api(cluster: Cluster) -> Iterator[client.ApiClient]:
         yield api
 
 
+@contextlib.contextmanager
+def fresh_namespace(api: client.ApiClient, name: str, pod_security: str | None = None) -> Iterator[str]:
+    """Create namespace `name` (enforcing PodSecurity `pod_security` if given), wait for its
+    default ServiceAccount (the ServiceAccount controller makes it; pods need it), delete it after."""
+    core = client.CoreV1Api(api)
+    labels = {"pod-security.kubernetes.io/enforce": pod_security,
+              "pod-security.kubernetes.io/enforce-version": "latest"} if pod_security else None
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+    try:
+        wait_for(f"ServiceAccount {name}/default",
+                 lambda: _exists(lambda: core.read_namespaced_service_account("default", name)))
+        yield name
+    finally:
+        core.delete_namespace(name)
+
+
 @pytest.fixture
 def namespace(admin_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted afterwards."""
     base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
-    name = f"{base}-{uuid.uuid4().hex[:5]}"
-    core = client.CoreV1Api(admin_api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    # The ServiceAccount controller creates "default" in every new namespace; pods need it.
-    wait_for(f"ServiceAccount {name}/default", lambda: _exists(lambda: core.read_namespaced_service_account("default", name)))
-    try:
+    with fresh_namespace(admin_api, f"{base}-{uuid.uuid4().hex[:5]}") as name:
         yield name
-    finally:
-        core.delete_namespace(name)
 
 
 def _exists(read: Callable[[], Any]) -> bool:

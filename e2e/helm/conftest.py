@@ -30,7 +30,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, wait_for
+from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, wait_for
 
 CHART = REPO / "helm" / "kubetune"
 PROMETHEUS_SH = Path(__file__).parent / "prometheus.sh"
@@ -245,16 +245,8 @@ def run_pipeline(cluster: Cluster, namespace: str, name: str, timeout: int = 180
 @pytest.fixture(scope="session")
 def restricted_namespace(admin_api: client.ApiClient) -> Iterator[str]:
     """A namespace whose pods must meet PodSecurity `restricted`, for the session's pipelines."""
-    name = f"helm-e2e-{int(time.time()) % 100000}"
-    core = client.CoreV1Api(admin_api)
-    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted",
-                                                                  "pod-security.kubernetes.io/enforce-version": "latest"}}})
-    wait_for(f"ServiceAccount {name}/default", lambda: core.list_namespaced_service_account(
-        name, field_selector="metadata.name=default").items, timeout=60)
-    try:
+    with fresh_namespace(admin_api, f"helm-e2e-{int(time.time()) % 100000}", pod_security="restricted") as name:
         yield name
-    finally:
-        core.delete_namespace(name)
 
 
 @pytest.fixture(scope="session")

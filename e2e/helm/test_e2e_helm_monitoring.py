@@ -46,7 +46,7 @@ TINY = {
                            "maxPositionEmbeddings": 64, "tokenizer": {"train": {"vocabSize": 300}}}},
         "stages": [{"name": "pretrain", "type": "pretrain",
                     "dataset": {"uri": "file://data/pretrain/train.jsonl", "format": "text"},
-                    "hyperparameters": {"maxSteps": 400, "learningRate": 3.0e-3, "batchSize": 8, "maxLength": 64,
+                    "hyperparameters": {"maxSteps": 1500, "learningRate": 3.0e-3, "batchSize": 8, "maxLength": 64,
                                         "loggingSteps": 10, "saveSteps": 10000},
                     "resources": {"gpusPerNode": 0}}],
     },
@@ -169,7 +169,7 @@ def test_stage_durations_are_those_of_the_pipelines(run: Run) -> None:
 
 
 def test_training_loss_and_throughput_come_from_the_trainer(run: Run) -> None:
-    loss = run.prometheus.query_range(f'kubetune_trainer_loss{{job="{TRAINER_JOB}"}}', run.start, run.end)
+    loss = run.prometheus.query_range(f'kubetune_trainer_loss{{job="{TRAINER_JOB}"}}', run.start, run.end, step=1)
     (series,) = loss
     assert series["metric"]["stage"] == "pretrain" and series["metric"]["namespace"] == "team-a"
     # (the gauge reads 0 until the trainer's first logging step sets it)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e.conftest import KWOK_TOLERATION, Cluster, wait_for
+from e2e.conftest import KWOK_TOLERATION, Cluster, fresh_namespace, wait_for
 from e2e.helm.conftest import Release
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.preferencedataset import PreferenceDataset
@@ -37,16 +37,8 @@ UNRESTRICTED = BackendSettings(restricted_security_context=False)
 
 @pytest.fixture
 def enforcing(admin_api: client.ApiClient) -> Iterator[str]:
-    name = f"psa-{uuid.uuid4().hex[:6]}"
-    core = client.CoreV1Api(admin_api)
-    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted",
-                                                                  "pod-security.kubernetes.io/enforce-version": "latest"}}})
-    wait_for(f"ServiceAccount {name}/default", lambda: core.list_namespaced_service_account(
-        name, field_selector="metadata.name=default").items, timeout=60)
-    try:
+    with fresh_namespace(admin_api, f"psa-{uuid.uuid4().hex[:6]}", pod_security="restricted") as name:
         yield name
-    finally:
-        core.delete_namespace(name)
 
 
 def trainer_pod(settings: BackendSettings) -> dict[str, Any]:

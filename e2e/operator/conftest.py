@@ -34,7 +34,7 @@ import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, wait_for
+from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 KSERVE_MODULE = "github.com/kserve/kserve@v0.15.2"
@@ -223,19 +223,14 @@ def workspace(admin_api: client.ApiClient, operator_crds: bool, tmp_path_factory
     name = f"{request.module.__name__.rsplit('.', 1)[-1].replace('_', '-')[:40]}-{uuid.uuid4().hex[:5]}"
     level = getattr(request.module, "POD_SECURITY", "restricted")
     core = client.CoreV1Api(admin_api)
-    core.create_namespace({"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": level}}})
     root = tmp_path_factory.mktemp("pvc")
-    try:
-        wait_for(f"ServiceAccount {name}/default", lambda: core.list_namespaced_service_account(
-            name, field_selector="metadata.name=default").items, timeout=60)
+    with fresh_namespace(admin_api, name, pod_security=level):
         for claim in ("models", "data"):
             bound_pvc(admin_api, name, claim, root, wait=False)
         for claim in ("models", "data"):
             wait_for(f"PVC {name}/{claim} to bind",
                      lambda: core.read_namespaced_persistent_volume_claim(claim, name).status.phase == "Bound", timeout=90)
         yield Workspace(name, root)
-    finally:
-        core.delete_namespace(name)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
@@ -72,8 +71,3 @@ def upload(local: Path, uri: str) -> None:
 
     fsspec.filesystem("s3").put(str(local), uri, recursive=True)
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)

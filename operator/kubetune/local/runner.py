@@ -208,7 +208,7 @@ class Runner:
         while True:
             done = proc.poll() is not None
             p = _read_json(progress_file)
-            if p and p.get("step") != last:
+            if p and p.get("totalSteps") and p.get("step") != last:  # totalSteps is 0 until training starts
                 last = p.get("step")
                 eta = p.get("etaSeconds")
                 self.console.print(

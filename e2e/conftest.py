@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,3 +175,14 @@ def _exists(read: Callable[[], Any]) -> bool:
             return False
         raise
     return True
+
+
+def healthy(proc: subprocess.Popen[bytes] | None, port: int, log: Path) -> bool:
+    """Whether an operator process answers /healthz on `port`; fails the test if it exited."""
+    if proc is not None and proc.poll() is not None:
+        pytest.fail(f"the operator exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as rsp:
+            return bool(rsp.status == 200)
+    except OSError:
+        return False

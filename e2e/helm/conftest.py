@@ -30,7 +30,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, wait_for
+from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, healthy, wait_for
 
 CHART = REPO / "helm" / "kubetune"
 PROMETHEUS_SH = Path(__file__).parent / "prometheus.sh"
@@ -173,13 +173,7 @@ class ChartOperator:
         wait_for("the operator's /healthz", self._alive, timeout=60)
 
     def _alive(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            pytest.fail(f"the operator exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1) as rsp:
-                return bool(rsp.status == 200)
-        except OSError:
-            return False
+        return healthy(self.proc, self.liveness_port, self.log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -34,7 +34,7 @@ import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, wait_for
+from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, healthy, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 KSERVE_MODULE = "github.com/kserve/kserve@v0.15.2"
@@ -148,13 +148,7 @@ class Operator:
         wait_for("the operator's liveness endpoint", self._alive, timeout=60)
 
     def _alive(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            pytest.fail(f"the operator exited with {self.proc.returncode}; see {self.log}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1) as rsp:
-                return bool(rsp.status == 200)
-        except OSError:
-            return False
+        return healthy(self.proc, self.liveness_port, self.log)
 
     def kill(self) -> None:
         """SIGKILL: no finalizers run, no status is written on the way out."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from kubetune.api import StageRun
 
-from kubetune_trainer import models, storage
+from kubetune_trainer import models
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -95,6 +95,11 @@ def to_dataset(rows: list[dict[str, Any]]) -> Any:
     return Dataset.from_list(rows)
 
 
+def eval_dataset(run: StageRun, held_out: list[dict[str, Any]]) -> Any:
+    """The held-out rows for the Trainer's periodic evaluation (hyperparameters.evalSteps), or None."""
+    return to_dataset(held_out) if run.hyperparameters.eval_steps and held_out else None
+
+
 # --- TrainingArguments --------------------------------------------------------------------
 
 
@@ -142,8 +147,9 @@ def deepspeed_config(run: StageRun) -> dict[str, Any] | None:
     return config
 
 
-def training_args(run: StageRun, ctx: Context, config_cls: type, **recipe: Any) -> Any:
-    """`config_cls` (a TRL config or TrainingArguments) filled from the StageRun's hyperparameters."""
+def training_args(run: StageRun, ctx: Context, config_cls: type, evaluate: bool = False, **recipe: Any) -> Any:
+    """`config_cls` (a TRL config or TrainingArguments) filled from the StageRun's hyperparameters;
+    `evaluate`: there is an eval dataset (see `eval_dataset`) to score every evalSteps steps."""
     hp = run.hyperparameters
     dtype = models.compute_dtype(hp.precision)
     kwargs: dict[str, Any] = dict(
@@ -175,6 +181,8 @@ def training_args(run: StageRun, ctx: Context, config_cls: type, **recipe: Any) 
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         deepspeed=deepspeed_config(run),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=hp.eval_steps if evaluate else None,
     )
     kwargs.update(recipe)
     return config_cls(**kwargs)

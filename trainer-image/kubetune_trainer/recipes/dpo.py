@@ -54,21 +54,20 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
                   "before": evals.generate(model, tokenizer, [prompt], max_new_tokens=16)[0]}
     common.barrier()
 
+    eval_rows = common.eval_dataset(run, held_out)
     args = common.training_args(
-        run, ctx, DPOConfig,
+        run, ctx, DPOConfig, evaluate=eval_rows is not None,
         beta=spec.beta,
         loss_type=[loss],
         label_smoothing=spec.label_smoothing,
         max_length=hp.max_length,
-        eval_strategy="steps" if hp.eval_steps and held_out else "no",
-        eval_steps=hp.eval_steps,
     )
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
         args=args,
         train_dataset=common.to_dataset(rows),
-        eval_dataset=common.to_dataset(held_out) if hp.eval_steps and held_out else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=models.lora_config(run),
         callbacks=ctx.callbacks,

@@ -74,21 +74,20 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         sample = {"prompt": prompt, "before": evals.generate(model, tokenizer, [prompt], max_new_tokens=16)[0]}
     common.barrier()
 
+    eval_rows = common.eval_dataset(run, held_out)
     args = common.training_args(
-        run, ctx, KTOConfig,
+        run, ctx, KTOConfig, evaluate=eval_rows is not None,
         beta=spec.beta,
         desirable_weight=spec.desirable_weight,
         undesirable_weight=spec.undesirable_weight,
         max_length=hp.max_length,
-        eval_strategy="steps" if hp.eval_steps and held_out else "no",
-        eval_steps=hp.eval_steps,
     )
     trainer = KTOTrainer(
         model=model,
         ref_model=ref_model,
         args=args,
         train_dataset=common.to_dataset(rows),
-        eval_dataset=common.to_dataset(held_out) if hp.eval_steps and held_out else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=models.lora_config(run),
         callbacks=ctx.callbacks,

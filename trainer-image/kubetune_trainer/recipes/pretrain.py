@@ -65,21 +65,20 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         prompt, answer_before = sample(model, tokenizer, held_texts[0])
     common.barrier()
 
+    eval_rows = common.eval_dataset(run, [{"text": t} for t in held_texts])
     args = common.training_args(
-        run, ctx, SFTConfig,
+        run, ctx, SFTConfig, evaluate=eval_rows is not None,
         dataset_text_field="text",
         max_length=hp.max_length,
         packing=True,
         packing_strategy="wrapped",
         completion_only_loss=False,
-        eval_strategy="steps" if hp.eval_steps and held_out else "no",
-        eval_steps=hp.eval_steps,
     )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=common.to_dataset([{"text": t} for t in texts]),
-        eval_dataset=common.to_dataset([{"text": t} for t in held_texts]) if hp.eval_steps and held_out else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=models.lora_config(run),
         callbacks=ctx.callbacks,

@@ -44,18 +44,17 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
                   "before": {"chosenScore": chosen[0], "rejectedScore": rejected[0]}}
     common.barrier()
 
+    eval_rows = common.eval_dataset(run, held_out)
     args = common.training_args(
-        run, ctx, RewardConfig,
+        run, ctx, RewardConfig, evaluate=eval_rows is not None,
         max_length=hp.max_length,
         center_rewards_coefficient=spec.center_rewards_coefficient,
-        eval_strategy="steps" if hp.eval_steps and held_out else "no",
-        eval_steps=hp.eval_steps,
     )
     trainer = RewardTrainer(
         model=model,
         args=args,
         train_dataset=common.to_dataset(rows),
-        eval_dataset=common.to_dataset(held_out) if hp.eval_steps and held_out else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=models.lora_config(run, task_type="SEQ_CLS"),
         callbacks=ctx.callbacks,

@@ -63,20 +63,19 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         before = {"exactMatch": accuracy}
     common.barrier()
 
+    eval_rows = common.eval_dataset(run, held_out)
     args = common.training_args(
-        run, ctx, SFTConfig,
+        run, ctx, SFTConfig, evaluate=eval_rows is not None,
         max_length=hp.max_length,
         packing=hp.packing,
         completion_only_loss=spec.completion_only_loss if fmt == "promptCompletion" else None,
         assistant_only_loss=spec.completion_only_loss and fmt == "messages",
-        eval_strategy="steps" if hp.eval_steps and held_out else "no",
-        eval_steps=hp.eval_steps,
     )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=common.to_dataset(rows),
-        eval_dataset=common.to_dataset(held_out) if hp.eval_steps and held_out else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=models.lora_config(run, trainable_tokens=models.new_token_rows(model, tokenizer, new_tokens)),
         callbacks=ctx.callbacks,

@@ -53,13 +53,13 @@ CASES: list[tuple[str, bool, list[dict[str, str]], list[dict[str, Any]]]] = [
                namespace="elsewhere"),
     ], [alert("KubetuneFineTuneJobFailed", "4m", [])]),
     ("KubetuneStageStuck", True, [
-        series("kubetune_trainer_step", "0+10x10 100x60", job="chat", stage="sft", namespace="team-a",
+        series("kubetune_trainer_step", "0+10x10 100x60", finetunejob="chat", stage="sft", namespace="team-a",
                pod="chat-sft-master-0"),
-        series("kubetune_trainer_total_steps", "1000x70", job="chat", stage="sft", namespace="team-a",
+        series("kubetune_trainer_total_steps", "1000x70", finetunejob="chat", stage="sft", namespace="team-a",
                pod="chat-sft-master-0"),
     ], [alert("KubetuneStageStuck", "38m", []),  # the last step was 28 minutes ago
         alert("KubetuneStageStuck", "50m", [{
-            "exp_labels": {"severity": "warning", "job": "chat", "stage": "sft", "namespace": "team-a",
+            "exp_labels": {"severity": "warning", "finetunejob": "chat", "stage": "sft", "namespace": "team-a",
                            "pod": "chat-sft-master-0"},
             "exp_annotations": {
                 "summary": "Stage sft of FineTuneJob team-a/chat made no progress for 30m.",
@@ -69,17 +69,17 @@ CASES: list[tuple[str, bool, list[dict[str, str]], list[dict[str, Any]]]] = [
                 "runbook_url": RUNBOOK + "kubetunestagestuck"}}])]),
     ("KubetuneStageStuck", False, [
         # steady progress
-        series("kubetune_trainer_step", "0+1x70", job="a", stage="sft", namespace="team-a", pod="a-0"),
-        series("kubetune_trainer_total_steps", "1000x70", job="a", stage="sft", namespace="team-a", pod="a-0"),
+        series("kubetune_trainer_step", "0+1x70", finetunejob="a", stage="sft", namespace="team-a", pod="a-0"),
+        series("kubetune_trainer_total_steps", "1000x70", finetunejob="a", stage="sft", namespace="team-a", pod="a-0"),
         # finished: at its last step
-        series("kubetune_trainer_step", "0+100x10 1000x60", job="b", stage="sft", namespace="team-a", pod="b-0"),
-        series("kubetune_trainer_total_steps", "1000x70", job="b", stage="sft", namespace="team-a", pod="b-0"),
+        series("kubetune_trainer_step", "0+100x10 1000x60", finetunejob="b", stage="sft", namespace="team-a", pod="b-0"),
+        series("kubetune_trainer_total_steps", "1000x70", finetunejob="b", stage="sft", namespace="team-a", pod="b-0"),
         # still loading the model: no step planned yet
-        series("kubetune_trainer_step", "0x70", job="c", stage="sft", namespace="team-a", pod="c-0"),
-        series("kubetune_trainer_total_steps", "0x70", job="c", stage="sft", namespace="team-a", pod="c-0"),
+        series("kubetune_trainer_step", "0x70", finetunejob="c", stage="sft", namespace="team-a", pod="c-0"),
+        series("kubetune_trainer_total_steps", "0x70", finetunejob="c", stage="sft", namespace="team-a", pod="c-0"),
         # started 20 minutes ago, no step since: too early to tell
-        series("kubetune_trainer_step", "_x50 0x20", job="d", stage="sft", namespace="team-a", pod="d-0"),
-        series("kubetune_trainer_total_steps", "_x50 500x20", job="d", stage="sft", namespace="team-a", pod="d-0"),
+        series("kubetune_trainer_step", "_x50 0x20", finetunejob="d", stage="sft", namespace="team-a", pod="d-0"),
+        series("kubetune_trainer_total_steps", "_x50 500x20", finetunejob="d", stage="sft", namespace="team-a", pod="d-0"),
     ], [alert("KubetuneStageStuck", "70m", [])]),
     ("KubetuneOperatorDown", True, [
         series("up", "1 1 0 0 0 0 0 0 0 0 0", pod="op-0", **OP),

@@ -9,7 +9,7 @@ rewritten atomically (tmp + rename) at every logging step and checkpoint:
 
 state is "running" while training; launch.py writes the final "succeeded" or "failed".
 
-Metrics (labels job and stage only), on StageRun.metricsPort (0 turns the endpoint off):
+Metrics (labels finetunejob and stage only; `job` is Prometheus' own target label), on StageRun.metricsPort (0 turns the endpoint off):
 
     kubetune_trainer_step                        optimizer steps done
     kubetune_trainer_total_steps                 optimizer steps planned
@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from kubetune_trainer.common import latest_checkpoint, write_json
+from kubetune.api.meta import now_rfc3339
+from kubetune.shared import write_json
+
+from kubetune_trainer.common import latest_checkpoint
 
 log = logging.getLogger("kubetune_trainer")
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Metrics:
@@ -49,7 +47,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
         self.registry = CollectorRegistry()
-        labels = ["job", "stage"]
+        labels = ["finetunejob", "stage"]
 
         def gauge(name: str, doc: str) -> Any:
             return Gauge(f"kubetune_trainer_{name}", doc, labels, registry=self.registry).labels(job, stage)
@@ -77,7 +75,7 @@ class Metrics:
             self.server = None
 
 
-class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+class ProgressCallback(TrainerCallback):
     """Writes progress.json and updates the metrics at every log and save (rank 0 only)."""
 
     def __init__(self, out: Path, output_uri: str, metrics: Metrics | None) -> None:

@@ -4,12 +4,15 @@ A recipe reads like this (see recipes/sft.py):
 
     def run(run: StageRun, ctx: Context) -> dict:
         train_rows, held_out = common.load_data(run)                        # load
-        tokenizer, model = ...                                              # build
+        processing_class, model = ...                                       # build
         before = evals....(model, held_out)
         trainer = SFTTrainer(model, args=common.training_args(run, ctx, SFTConfig, ...), ...)
         common.train(trainer, ctx)                                          # train (resumes)
-        common.save(trainer, run, ctx, tokenizer)                           # save
+        common.save(trainer, run, ctx, processing_class)                    # save
         return common.report(...)                                           # metrics.json
+
+Defaults that depend on the stage type (learning rates, the primary held-out figure, the model
+head) come from its registry entry, `run.info`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from kubetune.api import StageRun
+from kubetune.api.finetunejob import DEFAULT_MAX_LENGTH
+from kubetune.shared import write_json
 
 from kubetune_trainer import models
 
@@ -35,14 +40,6 @@ log = logging.getLogger("kubetune_trainer")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
-# Peak learning rates when hyperparameters.learningRate is unset: (full, lora/qlora).
-DEFAULT_LEARNING_RATES: dict[str, tuple[float, float]] = {
-    "pretrain": (3e-4, 3e-4),
-    "sft": (2e-5, 2e-4),
-    "reward": (2e-5, 2e-4),
-    "dpo": (1e-6, 5e-6),
-    "kto": (1e-6, 5e-6),
-}
 # Held-out examples scored before and after training (generation is the slow part).
 EVAL_LIMIT = 200
 
@@ -106,8 +103,13 @@ def eval_dataset(run: StageRun, held_out: list[dict[str, Any]]) -> Any:
 def learning_rate(run: StageRun) -> float:
     if run.hyperparameters.learning_rate is not None:
         return run.hyperparameters.learning_rate
-    full, lora = DEFAULT_LEARNING_RATES.get(run.type, (2e-5, 2e-4))
+    full, lora = run.info.learning_rates
     return full if run.tuning.method == "full" else lora
+
+
+def max_length(run: StageRun) -> int:
+    """hyperparameters.maxLength (text stages), default DEFAULT_MAX_LENGTH tokens."""
+    return run.hyperparameters.max_length or DEFAULT_MAX_LENGTH
 
 
 def deepspeed_config(run: StageRun) -> dict[str, Any] | None:
@@ -234,13 +236,13 @@ def train(trainer: Any, ctx: Context) -> Any:
     return result
 
 
-def save(trainer: Any, run: StageRun, ctx: Context, tokenizer: Any, kind: str = "causal") -> None:
-    """Write the model (or adapter), the tokenizer and, for LoRA with merge, `<out>/merged`."""
+def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any) -> None:
+    """Write the model (or adapter), its processing class and, for LoRA with merge, `<out>/merged`."""
     trainer.save_model(str(ctx.out))  # every rank: DeepSpeed ZeRO-3 gathers the shards
     if ctx.is_main:
-        tokenizer.save_pretrained(str(ctx.out))
+        processing_class.save_pretrained(str(ctx.out))
         if run.tuning.method != "full" and run.merge:
-            models.merge_adapter(run, ctx.out, tokenizer, kind)
+            models.merge_adapter(run, ctx.out, processing_class)
     barrier()
 
 
@@ -253,13 +255,13 @@ def report(
     run: StageRun,
     ctx: Context,
     trainer: Any,
-    primary: str | None,
     before: dict[str, float] | None,
     after: dict[str, float] | None,
     sample: dict[str, Any] | None,
     held_out: int,
 ) -> dict[str, Any]:
-    """The content of metrics.json (launch.py writes it): train loss, held-out figures, a sample."""
+    """The content of metrics.json (launch.py writes it): train loss, held-out figures (the
+    registry's primary one named), a sample."""
     state = trainer.state
     train_loss = last_train_loss(trainer)
     runtime = time.time() - ctx.started
@@ -281,16 +283,9 @@ def report(
         "tokensSeen": int(state.num_input_tokens_seen or 0),
         "runtimeSeconds": round(runtime, 1),
         "heldOutExamples": held_out,
-        "primary": primary,
+        "primary": run.info.primary,
         "before": before,
         "after": after,
         "sample": sample,
         "metrics": flat,
     }
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: readers (the local runner, the operator) never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)

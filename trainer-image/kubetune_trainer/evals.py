@@ -26,7 +26,8 @@ def normalise(text: str) -> str:
 
 
 def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    device: torch.device = next(model.parameters()).device
+    return device
 
 
 def _on_device(model: Any) -> Any:

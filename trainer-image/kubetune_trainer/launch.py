@@ -1,7 +1,8 @@
 """kubetune-train STAGERUN.json
 
 Runs one stage of a FineTuneJob: reads the StageRun (the trainer's only input), sets up
-torch.distributed, seeds, runs `recipes/<type>.py`, and writes the stage's model, tokenizer,
+torch.distributed, seeds, runs the recipe its stage type's registry entry names
+(`recipes/<recipe>.py`, e.g. recipes/image_classification.py), and writes the stage's model, tokenizer,
 checkpoints, `metrics.json` and `progress.json` to the StageRun's outputUri.
 
     kubetune-train STAGERUN.json                      one process, or one torchrun worker
@@ -140,7 +141,7 @@ def setup_distributed(run: Any) -> tuple[int, int, int]:
                 # compiler in the image); gloo does the same job for the CPU runs kubetune makes.
                 import deepspeed.comm.torch  # noqa: F401 - the name is shadowed by torch in deepspeed.comm
 
-                sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+                setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
@@ -166,27 +167,34 @@ def read_stage_run(path: str) -> Any:
 
 
 def check_stage(run: Any) -> None:
-    from kubetune.api.finetunejob import FORMATS_BY_STAGE, IMPLEMENTED_STAGES
+    from kubetune.api import registry
 
-    if run.type not in IMPLEMENTED_STAGES:
-        raise StageNotImplemented(
-            f"stage type {run.type} is not implemented yet; implemented: {', '.join(IMPLEMENTED_STAGES)}"
+    info = registry.get(run.type)
+    if not info.implemented:
+        raise StageNotImplemented(registry.not_implemented_message(run.type))
+    if run.dataset.format not in info.formats:
+        raise ValueError(
+            f"stage type {run.type} reads dataset.format {' or '.join(info.formats)}, not {run.dataset.format}"
         )
-    formats = FORMATS_BY_STAGE[run.type]
-    if run.dataset.format not in formats:
-        raise ValueError(f"stage type {run.type} reads dataset.format {' or '.join(formats)}, not {run.dataset.format}")
+    if info.reward == "model" and not run.reward_model_uri:
+        raise ValueError(f"a {run.type} stage needs a reward model: set {run.type}.rewardModelUri "
+                         "or put a reward stage before it")
+
+
+def recipe_module(run: Any) -> Any:
+    """The recipe module of the StageRun's stage type (its registry entry's `recipe`)."""
+    return importlib.import_module(f"kubetune_trainer.recipes.{run.info.recipe}")
 
 
 def _die_with_agent() -> None:
     """torchrun starts workers in sessions of their own, so a killed agent (a killed `kubetune run`,
     an evicted pod's main process) would leave them training; ask the kernel to stop them too."""
-    if "LOCAL_RANK" in os.environ and sys.platform == "linux":
-        import ctypes
+    if "LOCAL_RANK" in os.environ:
         import signal
 
-        agent = os.getppid()  # may be 1 legitimately: the agent is PID 1 in a container
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != agent:  # the agent died before the line above ran
+        from kubetune.shared import die_with_parent
+
+        if not die_with_parent(signal.SIGKILL):  # the agent died before the request took effect
             os._exit(128 + signal.SIGKILL)
 
 
@@ -201,6 +209,8 @@ def run_stage(path: str) -> int:
     metrics = None
     try:
         run = read_stage_run(path)
+        from kubetune.shared import write_json
+
         from kubetune_trainer import callbacks, common, storage
 
         out = storage.output_path(run.output_uri)
@@ -216,10 +226,9 @@ def run_stage(path: str) -> int:
             ctx.callbacks.append(callbacks.ProgressCallback(out, output_uri, metrics))
         log.info("Started stage job=%s stage=%s type=%s method=%s output=%s worldSize=%d",
                  run.job, run.stage, run.type, run.tuning.method, out, world)
-        recipe = importlib.import_module(f"kubetune_trainer.recipes.{run.type}")
-        result = recipe.run(run, ctx)
+        result = recipe_module(run).run(run, ctx)
         if ctx.is_main:
-            common.write_json(out / "metrics.json", result)
+            write_json(out / "metrics.json", result)
             callbacks.write_final(out, output_uri, "succeeded", step=result.get("globalStep", 0),
                                   loss=result.get("trainLoss"))
             storage.upload(out, run.output_uri)

@@ -1,9 +1,14 @@
-"""Models and tokenizers: load or initialise them, quantize, wrap in PEFT, save them.
+"""Models and their processing classes: load or initialise them, quantize, wrap in PEFT, save them.
 
     from kubetune_trainer import models
     tokenizer = models.load_tokenizer(run, texts)       # or train one for model.init
-    model = models.load_model(run, tokenizer)            # AutoModelForCausalLM, fp32/bf16 or 4-bit
+    model = models.load_model(run, tokenizer)            # the head of the stage type's registry entry
     peft_config = models.lora_config(run)                # None for tuning.method full
+
+The model class comes from the stage type's registry entry (`head`), looked up in `HEADS`:
+a new head is one row there, not a branch in every function. The processing class is what
+transformers calls it: a tokenizer for text, an image processor, a feature extractor or a
+processor; whatever it is, it is saved beside the model (`save_pretrained`).
 
 What a stage writes (`save_outputs`): the trained model or adapter in safetensors at the stage
 folder, the tokenizer always, and for LoRA stages with `merge` the merged weights plus the
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +117,19 @@ def load_tokenizer(run: StageRun, texts: Iterable[str] | None = None) -> Any:
     from transformers import AutoTokenizer
 
     init = run.model_init
+    tok = init.tokenizer if init is not None else None
     if run.model_uri is not None:
         path = storage.local_path(run.model_uri)
-    elif init is not None and init.tokenizer.uri is not None:
-        path = storage.local_path(init.tokenizer.uri)
-    elif init is not None and init.tokenizer.train is not None:
+    elif tok is not None and tok.uri is not None:
+        path = storage.local_path(tok.uri)
+    elif tok is not None and tok.train is not None:
         if texts is None:
             raise ValueError("model.init.tokenizer.train needs text data to train on; use a pretrain stage first")
-        t = init.tokenizer.train
+        t = tok.train
         return train_tokenizer(texts, t.vocab_size, t.min_frequency)
     else:
-        raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+        raise ValueError("the StageRun has neither modelUri nor modelInit.tokenizer; set spec.model.uri, "
+                         "or spec.model.init with a tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=run.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -158,6 +166,36 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 
 # --- models -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How to load the model of one registry head: its transformers Auto class and extra kwargs."""
+
+    auto_class: str  # a class name in transformers
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    task_type: str | None = None  # peft's task type for LoRA on this head
+
+    def cls(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+
+# The heads the trainer loads today; the vision and speech stages add theirs.
+HEADS: dict[str, HeadSpec] = {
+    "causalLM": HeadSpec("AutoModelForCausalLM", task_type="CAUSAL_LM"),
+    "reward": HeadSpec("AutoModelForSequenceClassification", (("num_labels", 1),), task_type="SEQ_CLS"),
+}
+
+
+def head_of(run: StageRun, head: str | None = None) -> HeadSpec:
+    """The HeadSpec of `head`, default: the stage type's registry head."""
+    name = head or run.info.head
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise ValueError(f"the trainer cannot load a {name} model yet (stage type {run.type})") from None
 
 
 def init_config(init: ModelInit, tokenizer: Any) -> Any:
@@ -221,27 +259,25 @@ def base_dtype(run: StageRun) -> torch.dtype:
     return compute_dtype(run.hyperparameters.precision)
 
 
-def load_model(run: StageRun, tokenizer: Any, kind: str = "causal", uri: str | None = None) -> Any:
+def load_model(run: StageRun, processing_class: Any, head: str | None = None, uri: str | None = None) -> Any:
     """The model a stage trains: from `uri` (default: run.modelUri) or built from run.modelInit.
 
-    kind: "causal" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification, one label).
+    head: a registry head (default: the stage type's), e.g. "reward" for a value model in PPO.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    spec = head_of(run, head)
+    cls, extra = spec.cls(), dict(spec.kwargs)
     uri = uri or run.model_uri
     if uri is None:
         if run.model_init is None:
             raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
-        config = init_config(run.model_init, tokenizer)
-        if kind == "reward":
-            config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config)
-        else:
-            model = AutoModelForCausalLM.from_config(config)
+        config = init_config(run.model_init, processing_class)
+        for k, v in extra.items():
+            setattr(config, k, v)
+        model = cls.from_config(config)
         log.info("Initialised model architecture=%s parameters=%d", run.model_init.architecture, count_parameters(model))
         return model
     path = str(storage.local_path(uri))
-    kwargs: dict[str, Any] = {"dtype": base_dtype(run), "trust_remote_code": run.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": base_dtype(run), "trust_remote_code": run.trust_remote_code, **extra}
     q = quantization_config(run)
     if q is not None:
         kwargs["quantization_config"] = q
@@ -249,19 +285,18 @@ def load_model(run: StageRun, tokenizer: Any, kind: str = "causal", uri: str | N
             import os
 
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    if kind == "reward":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    log.info("Loaded model uri=%s parameters=%d dtype=%s", uri, count_parameters(model), kwargs["dtype"])
+    model = cls.from_pretrained(path, **kwargs)
+    pad = getattr(processing_class, "pad_token_id", None)
+    if getattr(model.config, "pad_token_id", 0) is None and pad is not None:
+        model.config.pad_token_id = pad
+    log.info("Loaded model uri=%s head=%s parameters=%d dtype=%s", uri, head or run.info.head,
+             count_parameters(model), kwargs["dtype"])
     return model
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> None:
     """Grow the embeddings when the tokenizer gained tokens (new rows start at the mean embedding)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if hasattr(tokenizer, "__len__") and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
 
@@ -276,7 +311,7 @@ def prepare_for_kbit(model: Any, run: StageRun) -> Any:
     )
 
 
-def lora_config(run: StageRun, task_type: str = "CAUSAL_LM", trainable_tokens: dict[str, list[int]] | None = None) -> Any:
+def lora_config(run: StageRun, task_type: str | None = None, trainable_tokens: dict[str, list[int]] | None = None) -> Any:
     """peft.LoraConfig from tuning.lora (None for full fine-tuning).
 
     trainable_tokens: {embedding module name: token ids} whose embedding rows train although
@@ -299,7 +334,7 @@ def lora_config(run: StageRun, task_type: str = "CAUSAL_LM", trainable_tokens: d
         lora_dropout=spec.dropout,
         target_modules=targets,
         use_dora=spec.use_dora,
-        task_type=task_type,
+        task_type=task_type or head_of(run).task_type,
         **extra,
     )
 
@@ -320,40 +355,34 @@ def count_parameters(model: Any, trainable: bool = False) -> int:
 # --- saving -------------------------------------------------------------------------------
 
 
-def merge_adapter(run: StageRun, out: Path, tokenizer: Any, kind: str = "causal") -> Path:
+def merge_adapter(run: StageRun, out: Path, processing_class: Any) -> Path:
     """Fold the LoRA adapter saved at `out` into a full-precision copy of its base; write `<out>/merged`.
 
     The base is reloaded unquantized (qlora included): merging into 4-bit weights would lose the update.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     assert run.model_uri is not None
+    spec = head_of(run)
     path = str(storage.local_path(run.model_uri))
-    cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": run.trust_remote_code}
-    if kind == "reward":
-        kwargs["num_labels"] = 1
-    base = cls.from_pretrained(path, **kwargs)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    fit_embeddings(base, tokenizer)
+    base = spec.cls().from_pretrained(path, dtype="auto", trust_remote_code=run.trust_remote_code, **dict(spec.kwargs))
+    pad = getattr(processing_class, "pad_token_id", None)
+    if getattr(base.config, "pad_token_id", 0) is None and pad is not None:
+        base.config.pad_token_id = pad
+    fit_embeddings(base, processing_class)
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     target = out / "merged"
     merged.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
+    processing_class.save_pretrained(str(target))
     log.info("Wrote merged model path=%s", target)
     return target
 
 
-def load_trained(run: StageRun, out: Path, kind: str = "causal") -> Any:
+def load_trained(run: StageRun, out: Path) -> Any:
     """Reload what a stage wrote (model, or base + adapter) for evaluation on one process."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"trust_remote_code": run.trust_remote_code}
-    if kind == "reward":
-        kwargs["num_labels"] = 1
+    spec = head_of(run)
+    cls = spec.cls()
+    kwargs: dict[str, Any] = {"trust_remote_code": run.trust_remote_code, **dict(spec.kwargs)}
     if run.tuning.method == "full":
         return cls.from_pretrained(str(out), dtype=torch.float32, **kwargs)
     if (out / "merged").exists():
@@ -364,5 +393,6 @@ def load_trained(run: StageRun, out: Path, kind: str = "causal") -> Any:
 
     assert run.model_uri is not None
     base = cls.from_pretrained(str(storage.local_path(run.model_uri)), dtype=torch.float32, **kwargs)
-    fit_embeddings(base, AutoTokenizer.from_pretrained(str(out)))
+    if run.info.modality == "text":
+        fit_embeddings(base, AutoTokenizer.from_pretrained(str(out)))
     return PeftModel.from_pretrained(base, str(out))

@@ -40,7 +40,7 @@ def local_path(uri: str) -> Path:
     if kind == "s3":
         target = _cache_root() / "s3" / rest
         if not target.exists():
-            import fsspec  # type: ignore[import-untyped]
+            import fsspec
 
             fs = fsspec.filesystem("s3")
             target.parent.mkdir(parents=True, exist_ok=True)

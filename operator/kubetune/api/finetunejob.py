@@ -7,10 +7,14 @@ manifests against them offline, and the operator and the local runner read specs
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import builtins
 
-from pydantic import Field, StringConstraints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
+from pydantic import Field, StringConstraints, create_model
+
+from kubetune.api import registry
+from kubetune.api.formats import DatasetFormat
 from kubetune.api.meta import (
     DNS_LABEL,
     URI_PATTERN,
@@ -21,61 +25,30 @@ from kubetune.api.meta import (
     rules,
 )
 
-StageType = Literal[
-    "pretrain",
-    "sft",
-    "reward",
-    "ppo",
-    "dpo",
-    "kto",
-    "grpo",
-    "imageClassification",
-    "clip",
-    "diffusion",
-    "asr",
-    "audioPretrain",
-]
-DatasetFormat = Literal[
-    "text",
-    "promptCompletion",
-    "messages",
-    "preference",
-    "unpairedPreference",
-    "imageLabel",
-    "imageCaption",
-    "audioTranscript",
-    "audio",
-]
-
 ShortString = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
-# Which dataset formats each stage type reads. The CRD's CEL rule, `kubetune validate` and the
-# trainer's dispatch all use this one table.
-FORMATS_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "pretrain": ("text",),
-    "sft": ("text", "promptCompletion", "messages"),
-    "reward": ("preference",),
-    "ppo": ("promptCompletion", "messages"),
-    "dpo": ("preference",),
-    "kto": ("unpairedPreference", "preference"),
-    "grpo": ("promptCompletion", "messages"),
-    "imageClassification": ("imageLabel",),
-    "clip": ("imageCaption",),
-    "diffusion": ("imageCaption",),
-    "asr": ("audioTranscript",),
-    "audioPretrain": ("audio",),
-}
-# Stage types that may read a PreferenceDataset.
-PREFERENCE_STAGES: tuple[str, ...] = ("reward", "dpo", "kto")
-# Stage types whose recipe the trainer has today; the others are accepted by the schema and
-# refused by the runner and the operator with a "not implemented yet" error.
-IMPLEMENTED_STAGES: tuple[str, ...] = ("pretrain", "sft", "reward", "dpo", "kto")
-# Stage-type blocks: `spec.stages[].<block>` is allowed only on the stage type of that name.
-TYPE_BLOCKS: tuple[str, ...] = ("sft", "reward", "dpo", "kto", "ppo", "grpo")
+_STAGE_TYPES = registry.freeze()  # the models below are built from the registry, once
+
+if TYPE_CHECKING:
+    StageType = str
+else:
+    StageType = Literal[tuple(t.name for t in _STAGE_TYPES)]
+
+# Which dataset formats each stage type reads, and the stage types that may read a
+# PreferenceDataset or have not got a recipe yet: views of the registry.
+FORMATS_BY_STAGE: dict[str, tuple[str, ...]] = {t.name: t.formats for t in _STAGE_TYPES}
+PREFERENCE_STAGES: tuple[str, ...] = tuple(t.name for t in _STAGE_TYPES if t.preference_dataset)
+IMPLEMENTED_STAGES: tuple[str, ...] = tuple(t.name for t in _STAGE_TYPES if t.implemented)
+TEXT_STAGES: tuple[str, ...] = tuple(t.name for t in _STAGE_TYPES if t.modality == "text")
 
 
 def _cel_list(items: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{i}'" for i in items) + "]"
+
+
+def _spoken(items: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b and c'."""
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
 
 
 def _formats_rule() -> str:
@@ -112,8 +85,18 @@ class TokenizerInit(KubeModel, json_schema_extra=rules(
     )
 
 
-class ModelInit(KubeModel):
-    architecture: Literal["llama", "qwen2", "gpt2"] = Field(
+if TYPE_CHECKING:
+    Architecture = str
+else:
+    Architecture = Literal[tuple(registry.ARCHITECTURES)]
+TEXT_ARCHITECTURES = tuple(a for a, m in registry.ARCHITECTURES.items() if m == "text")
+
+
+class ModelInit(KubeModel, json_schema_extra=rules(
+    cel(f"!(self.architecture in {_cel_list(TEXT_ARCHITECTURES)}) || has(self.tokenizer)",
+        "model.init.tokenizer is required for text architectures: set tokenizer.uri or tokenizer.train"),
+)):
+    architecture: Architecture = Field(
         default="llama", description="Architecture to build from a config (Hugging Face model type)."
     )
     hidden_size: int = Field(default=64, ge=8, le=65536, description="Width of the hidden states.")
@@ -128,7 +111,9 @@ class ModelInit(KubeModel):
     max_position_embeddings: int = Field(
         default=512, ge=16, le=1048576, description="Longest sequence the model can attend over."
     )
-    tokenizer: TokenizerInit = Field(description="The tokenizer: an existing one, or one trained on the data.")
+    tokenizer: TokenizerInit | None = Field(
+        default=None, description="The tokenizer (text architectures): an existing one, or one trained on the data."
+    )
 
 
 class ModelSource(KubeModel, json_schema_extra=rules(
@@ -195,17 +180,22 @@ class TuningSpec(KubeModel, json_schema_extra=rules(
     lora: LoraSpec | None = Field(default=None, description="LoRA settings (lora and qlora; defaults apply when left out).")
 
 
+DEFAULT_MAX_LENGTH = 1024
+
+
 class Hyperparameters(KubeModel):
     epochs: float = Field(default=1.0, gt=0, le=10000, description="Passes over the training data (ignored when maxSteps is set).")
     max_steps: int | None = Field(default=None, ge=1, le=100000000, description="Stop after this many optimizer steps.")
-    learning_rate: float | None = Field(
-        default=None, gt=0, le=1,
-        description="Peak learning rate. Default per stage: pretrain 3e-4, sft/reward 2e-5 (2e-4 with LoRA), dpo/kto 1e-6 (5e-6 with LoRA).",
-    )
+    learning_rate: float | None = Field(default=None, gt=0, le=1, description=registry.learning_rate_help())
     batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches summed per optimizer step.")
-    max_length: int = Field(default=1024, ge=8, le=1048576, description="Longest tokenized example; longer ones are truncated.")
-    packing: bool = Field(default=False, description="Pack several examples into each sequence of maxLength tokens.")
+    max_length: int | None = Field(
+        default=None, ge=8, le=1048576,
+        description=f"Text stages only: longest tokenized example, longer ones are truncated (default {DEFAULT_MAX_LENGTH}).",
+    )
+    packing: bool | None = Field(
+        default=None, description="Text stages only: pack several examples into each sequence of maxLength tokens (default false).",
+    )
     warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Fraction of the steps spent warming the learning rate up.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -219,53 +209,6 @@ class Hyperparameters(KubeModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass to save memory.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="Compute precision; auto is bf16 on GPUs that have it and fp32 on CPU."
-    )
-
-
-class SftSpec(KubeModel):
-    completion_only_loss: bool = Field(
-        default=True, description="Compute the loss on completions / assistant turns only, not on prompts."
-    )
-    chat_template: str | None = Field(
-        default=None, max_length=65536,
-        description="Jinja chat template for messages data; default: the model's own, else kubetune's ChatML template.",
-    )
-
-
-class RewardSpec(KubeModel):
-    center_rewards_coefficient: float | None = Field(
-        default=None, ge=0, le=1, description="Pull the mean reward toward zero with this weight (TRL RewardConfig)."
-    )
-
-
-class DpoSpec(KubeModel):
-    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the pull toward the reference model.")
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
-        default="sigmoid", description="sigmoid: DPO; ipo: IPO; hinge: SLiC-style hinge loss."
-    )
-    label_smoothing: float = Field(default=0.0, ge=0, le=0.5, description="Assumed rate of flipped preference labels (cDPO).")
-
-
-class KtoSpec(KubeModel):
-    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the pull toward the reference model.")
-    desirable_weight: float = Field(default=1.0, gt=0, le=100, description="Weight of desirable completions in the loss.")
-    undesirable_weight: float = Field(default=1.0, gt=0, le=100, description="Weight of undesirable completions in the loss.")
-
-
-class PpoSpec(KubeModel):
-    reward_model_uri: str | None = Field(
-        default=None, pattern=URI_PATTERN, max_length=2048,
-        description="Reward model to score completions (default: the output of the job's last reward stage).",
-    )
-    kl_coef: float = Field(default=0.05, ge=0, le=10, description="Weight of the KL penalty against the reference model.")
-
-
-class GrpoSpec(KubeModel):
-    num_generations: int = Field(default=8, ge=2, le=256, description="Completions sampled per prompt.")
-    max_completion_length: int = Field(default=256, ge=1, le=131072, description="Longest sampled completion in tokens.")
-    reward_functions: list[ShortString] = Field(
-        default_factory=lambda: ["exactMatch"], max_length=16,
-        description="Built-in reward functions scoring each completion against the row's reference.",
     )
 
 
@@ -305,14 +248,30 @@ class DistributedSpec(KubeModel):
     deepspeed: DeepSpeedSpec | None = Field(default=None, description="Shard training with DeepSpeed ZeRO; without it, plain DDP.")
 
 
-class Stage(KubeModel, json_schema_extra=rules(
-    cel(_formats_rule(), _formats_message()),
-    cel(
-        f"!has(self.dataset.preferenceDatasetRef) || self.type in {_cel_list(PREFERENCE_STAGES)}",
-        "dataset.preferenceDatasetRef is only for reward, dpo and kto stages; use dataset.uri",
-    ),
-    *(cel(f"!has(self.{b}) || self.type == '{b}'", f"the {b} block is only for stages of type {b}") for b in TYPE_BLOCKS),
-)):
+B = TypeVar("B", bound=KubeModel)
+
+
+def _stage_rules() -> dict[str, Any]:
+    with_blocks = [t.name for t in _STAGE_TYPES if t.block is not None]
+    return rules(
+        cel(_formats_rule(), _formats_message()),
+        cel(
+            f"!has(self.dataset.preferenceDatasetRef) || self.type in {_cel_list(PREFERENCE_STAGES)}",
+            f"dataset.preferenceDatasetRef is only for {_spoken(PREFERENCE_STAGES)} stages; use dataset.uri",
+        ),
+        *(cel(f"!has(self.{b}) || self.type == '{b}'", f"the {b} block is only for stages of type {b}") for b in with_blocks),
+        cel(
+            "!has(self.hyperparameters) || !(has(self.hyperparameters.maxLength) || has(self.hyperparameters.packing))"
+            f" || self.type in {_cel_list(TEXT_STAGES)}",
+            "hyperparameters.maxLength and packing are for text stages "
+            f"({', '.join(TEXT_STAGES)}); remove them from this stage",
+        ),
+    )
+
+
+class StageBase(KubeModel, json_schema_extra=_stage_rules()):
+    """What every stage has; `Stage` adds the stage-type blocks of the registry."""
+
     name: str = Field(pattern=DNS_LABEL, max_length=40, description="Stage name (a DNS label, unique in the job).")
     type: StageType = Field(description="What the stage trains: the recipe the trainer runs.")
     dataset: DatasetSpec = Field(description="The stage's training data.")
@@ -320,15 +279,31 @@ class Stage(KubeModel, json_schema_extra=rules(
     hyperparameters: Hyperparameters = Field(
         default_factory=lambda: Hyperparameters(), description="Optimisation settings common to every recipe."
     )
-    sft: SftSpec | None = Field(default=None, description="Settings of sft stages.")
-    reward: RewardSpec | None = Field(default=None, description="Settings of reward stages.")
-    dpo: DpoSpec | None = Field(default=None, description="Settings of dpo stages (DPO, IPO, hinge).")
-    kto: KtoSpec | None = Field(default=None, description="Settings of kto stages.")
-    ppo: PpoSpec | None = Field(default=None, description="Settings of ppo stages.")
-    grpo: GrpoSpec | None = Field(default=None, description="Settings of grpo stages.")
     resources: Resources = Field(default_factory=lambda: Resources(), description="Where and on how much hardware the stage runs.")
     distributed: DistributedSpec = Field(
         default_factory=lambda: DistributedSpec(), description="How the stage shards across processes."
+    )
+
+    def settings(self, cls: builtins.type[B]) -> B:
+        """The stage-type block of class `cls` (e.g. DpoSpec), with its defaults when left out."""
+        value = getattr(self, registry.block_field(cls), None)
+        return value if isinstance(value, cls) else cls()
+
+
+def block_fields(types: tuple[registry.StageTypeInfo, ...]) -> dict[str, Any]:
+    """`create_model` fields for the stage-type blocks: `<type>: <Block> | None`."""
+    return {
+        t.name: (t.block | None, Field(default=None, description=t.block_help))
+        for t in types if t.block is not None
+    }
+
+
+if TYPE_CHECKING:
+    Stage = StageBase
+else:
+    Stage = create_model(
+        "Stage", __base__=StageBase, __module__=__name__, __doc__="One stage of a FineTuneJob.",
+        **block_fields(_STAGE_TYPES),
     )
 
 
@@ -383,7 +358,8 @@ class FineTuneJobSpec(KubeModel):
 
 # --- status -------------------------------------------------------------------------------
 
-StageState = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+# Interrupted and exitCode: the local runner (`kubetune run`), where a stage can be cut short by Ctrl-C.
+StageState = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Interrupted"]
 
 
 class StageStatus(KubeModel):
@@ -400,6 +376,7 @@ class StageStatus(KubeModel):
     eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
     metrics: dict[str, float] | None = Field(default=None, description="Key metrics: loss, eval figures, throughput.")
     message: str | None = Field(default=None, description="Why the stage is in its state.")
+    exit_code: int | None = Field(default=None, description="Exit code of the trainer when it failed or was interrupted.")
 
 
 class FineTuneJobStatus(KubeModel):

@@ -7,24 +7,24 @@ local runner (into `<output>/<stage>/stagerun.json`) both render it with `render
 
 from __future__ import annotations
 
-from pydantic import Field
+import builtins
 
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import Field, create_model
+
+from kubetune.api import registry
 from kubetune.api.finetunejob import (
-    DatasetFormat,
     DistributedSpec,
-    DpoSpec,
     FineTuneJob,
-    GrpoSpec,
     Hyperparameters,
-    KtoSpec,
     ModelInit,
-    PpoSpec,
-    RewardSpec,
-    SftSpec,
     Stage,
     StageType,
     TuningSpec,
+    block_fields,
 )
+from kubetune.api.formats import DatasetFormat
 from kubetune.api.meta import KubeModel
 
 KIND = "StageRun"
@@ -39,7 +39,12 @@ class StageData(KubeModel):
     validation_fraction: float = Field(default=0.0, description="Fraction held out when there is no validationUri.")
 
 
-class StageRun(KubeModel):
+B = TypeVar("B", bound=KubeModel)
+
+
+class StageRunBase(KubeModel):
+    """What every StageRun has; `StageRun` adds the stage-type blocks of the registry."""
+
     kind: str = Field(default=KIND, description="StageRun")
     job: str = Field(description="Name of the FineTuneJob.")
     namespace: str | None = Field(default=None, description="Namespace of the FineTuneJob (none for local runs).")
@@ -49,21 +54,40 @@ class StageRun(KubeModel):
     stage_count: int = Field(description="Stages in the pipeline.")
     model_uri: str | None = Field(default=None, description="Model the stage starts from (the previous stage's output).")
     model_init: ModelInit | None = Field(default=None, description="Build a model from scratch (first stage only).")
-    reference_model_uri: str | None = Field(default=None, description="Frozen reference model for dpo, kto and ppo.")
+    reference_model_uri: str | None = Field(
+        default=None, description="Frozen reference model (stage types whose registry entry has one: dpo, kto, ppo, grpo)."
+    )
+    reward_model_uri: str | None = Field(
+        default=None, description="Reward model scoring samples (ppo, grpo): the block's rewardModelUri or the last reward stage's output."
+    )
     trust_remote_code: bool = Field(default=False, description="Allow the model's own code to run.")
     dataset: StageData = Field(description="The stage's data.")
     tuning: TuningSpec = Field(description="Which weights train.")
     hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
-    sft: SftSpec | None = Field(default=None, description="sft settings.")
-    reward: RewardSpec | None = Field(default=None, description="reward settings.")
-    dpo: DpoSpec | None = Field(default=None, description="dpo settings.")
-    kto: KtoSpec | None = Field(default=None, description="kto settings.")
-    ppo: PpoSpec | None = Field(default=None, description="ppo settings.")
-    grpo: GrpoSpec | None = Field(default=None, description="grpo settings.")
     distributed: DistributedSpec = Field(description="How the stage shards.")
     output_uri: str = Field(description="Where the stage writes model, tokenizer, checkpoints and metrics.json.")
     merge: bool = Field(default=False, description="Also write merged weights to <output>/merged (LoRA stages).")
     metrics_port: int = Field(default=DEFAULT_METRICS_PORT, description="Port of the Prometheus endpoint (0: off).")
+
+    @property
+    def info(self) -> registry.StageTypeInfo:
+        """The registry entry of the stage's type."""
+        return registry.get(self.type)
+
+    def settings(self, cls: builtins.type[B]) -> B:
+        """The stage-type block of class `cls` (e.g. DpoSpec), with its defaults when left out."""
+        value = getattr(self, registry.block_field(cls), None)
+        return value if isinstance(value, cls) else cls()
+
+
+if TYPE_CHECKING:
+    StageRun = StageRunBase
+else:
+    StageRun = create_model(
+        "StageRun", __base__=StageRunBase, __module__=__name__,
+        __doc__="One stage of a FineTuneJob, resolved: the trainer's only input.",
+        **block_fields(registry.freeze()),
+    )
 
 
 def stage_output_uri(output_base: str, stage: Stage) -> str:
@@ -74,6 +98,20 @@ def stage_model_uri(output_base: str, stage: Stage) -> str:
     """What a stage hands to the next one: its model, or its merged weights after LoRA."""
     out = stage_output_uri(output_base, stage)
     return out if stage.tuning.method == "full" else f"{out}/merged"
+
+
+def reward_model_uri(job: FineTuneJob, index: int, output_base: str) -> str | None:
+    """The reward model of stage `index`: its block's rewardModelUri, else the output of the
+    last reward stage before it; None when the stage type needs none (or none is found)."""
+    stage = job.spec.stages[index]
+    if registry.get(stage.type).reward == "none":
+        return None
+    block = getattr(stage, stage.type, None)
+    uri: str | None = getattr(block, "reward_model_uri", None)
+    if uri:
+        return uri
+    earlier = [s for s in job.spec.stages[:index] if registry.get(s.type).head == "reward"]
+    return stage_model_uri(output_base, earlier[-1]) if earlier else None
 
 
 def render_stage_run(
@@ -102,6 +140,8 @@ def render_stage_run(
             uri=d.uri, format=d.format, columns=d.columns,
             validation_uri=d.validation_uri, validation_fraction=d.validation_fraction,
         )
+    info = registry.get(stage.type)
+    blocks = {t.name: getattr(stage, t.name) for t in registry.with_blocks() if getattr(stage, t.name) is not None}
     return StageRun(
         job=job.metadata.name,
         namespace=job.metadata.namespace,
@@ -111,12 +151,13 @@ def render_stage_run(
         stage_count=len(spec.stages),
         model_uri=model_uri,
         model_init=model_init,
-        reference_model_uri=model_uri if stage.type in ("dpo", "kto", "ppo", "grpo") else None,
+        reference_model_uri=model_uri if info.reference_model else None,
+        reward_model_uri=reward_model_uri(job, index, output_base),
         trust_remote_code=spec.model.trust_remote_code,
         dataset=dataset,
         tuning=stage.tuning,
         hyperparameters=stage.hyperparameters,
-        sft=stage.sft, reward=stage.reward, dpo=stage.dpo, kto=stage.kto, ppo=stage.ppo, grpo=stage.grpo,
+        **blocks,
         distributed=stage.distributed,
         output_uri=stage_output_uri(output_base, stage),
         merge=stage.tuning.method != "full" and (not last or spec.output.merge),

@@ -20,8 +20,9 @@ import celpy
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetune.api import crds
-from kubetune.api.finetunejob import IMPLEMENTED_STAGES, FineTuneJob
+from kubetune.api import crds, registry
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.api.formats import FORMAT_FIELDS, fields
 from kubetune.api.meta import API_VERSION
 from kubetune.api.modeladapter import ModelAdapter
 from kubetune.api.preferencedataset import PreferenceDataset
@@ -36,21 +37,9 @@ _CRD_FILE = {
     "PreferenceDataset": "kubetune.io_preferencedatasets.yaml",
     "ModelAdapter": "kubetune.io_modeladapters.yaml",
 }
-# Field names each format reads; `dataset.columns` may only rename these.
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "text": ("text",),
-    "promptCompletion": ("prompt", "completion"),
-    "messages": ("messages",),
-    "preference": ("prompt", "chosen", "rejected"),
-    "unpairedPreference": ("prompt", "completion", "label"),
-    "imageLabel": ("image", "label"),
-    "imageCaption": ("image", "caption"),
-    "audioTranscript": ("audio", "text"),
-    "audio": ("audio",),
-}
 SCHEMA_FIELDS: dict[str, tuple[str, ...]] = {
-    "paired": FORMAT_FIELDS["preference"],
-    "unpaired": FORMAT_FIELDS["unpairedPreference"],
+    "paired": FORMAT_FIELDS["preference"][0],
+    "unpaired": FORMAT_FIELDS["unpairedPreference"][0],
     "ranked": ("prompt", "completions"),
 }
 
@@ -155,10 +144,15 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
     spec = obj.spec
     for i, stage in enumerate(spec.stages):
         p = f"spec.stages[{i}]"
-        if stage.type not in IMPLEMENTED_STAGES:
+        info = registry.get(stage.type)
+        if not info.implemented:
+            out.append(Problem(f"{p}.type", registry.not_implemented_message(stage.type)))
+        if info.reward == "model" and not any(registry.get(s.type).head == "reward" for s in spec.stages[:i]) \
+                and not getattr(getattr(stage, stage.type, None), "reward_model_uri", None):
             out.append(Problem(
-                f"{p}.type",
-                f"stage type {stage.type} is not implemented yet; kubetune runs {', '.join(IMPLEMENTED_STAGES)} today",
+                f"{p}.{stage.type}.rewardModelUri",
+                f"a {stage.type} stage scores its samples with a reward model; set {stage.type}.rewardModelUri "
+                "or put a reward stage before it",
             ))
         if i == 0 and spec.model.init is not None:
             if stage.tuning.method != "full":
@@ -172,7 +166,7 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
                     "a model built from spec.model.init starts from random weights; make the first stage a pretrain stage",
                 ))
         if stage.dataset.format:
-            out += _columns_problems(f"{p}.dataset", stage.dataset.columns, FORMAT_FIELDS[stage.dataset.format])
+            out += _columns_problems(f"{p}.dataset", stage.dataset.columns, fields(stage.dataset.format))
         if stage.tuning.method == "qlora" and stage.resources.gpus_per_node == 0:
             out.append(Problem(
                 f"{p}.resources.gpusPerNode",

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kubetune.api.formats import held_out_count
 from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
 from kubetune.backends import (
     LABEL_DATASET,
@@ -195,11 +196,8 @@ def read_report(pod: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def split_rows(valid_rows: int, fraction: float) -> tuple[int, int]:
-    """(train, validation) rows of the held-out split, counted as the trainer splits
-    (kubetune_trainer.data.stats.split_rows: round(n * fraction), at least 1 and at most n - 1)."""
-    held = round(valid_rows * fraction)
-    if fraction > 0 and valid_rows >= 2:
-        held = min(max(held, 1), valid_rows - 1)
+    """(train, validation) rows of the held-out split, counted as the trainer splits (`held_out_count`)."""
+    held = held_out_count(valid_rows, fraction)
     return valid_rows - held, held
 
 

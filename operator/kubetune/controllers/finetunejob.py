@@ -23,7 +23,8 @@ from kubernetes import client
 
 from kubetune import metrics
 from kubetune.api import reasons as r
-from kubetune.api.finetunejob import FORMATS_BY_STAGE, FineTuneJob
+from kubetune.api import registry
+from kubetune.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune.api.meta import API_VERSION, find_condition, is_true, now_rfc3339
 from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
 from kubetune.api.stagerun import StageData, render_stage_run
@@ -33,6 +34,7 @@ from kubetune.backends import trainer_metrics
 from kubetune.controllers import common
 from kubetune.controllers.common import FINETUNEJOBS, MODELADAPTERS, PREFERENCEDATASETS, RUNTIME
 from kubetune.controllers.pipeline import (
+    Phase,
     Plan,
     adapter_spec,
     check,
@@ -129,7 +131,7 @@ def _reconcile(body: dict[str, Any], scrape: bool) -> None:
     job, problems = check(body)
     if job is None or problems:
         message = "Fix the spec: " + "; ".join(problems) + "."
-        invalid = job_conditions(conditions, generation, phase="Invalid", reason=r.INVALID_SPEC, message=message,
+        invalid = job_conditions(conditions, generation, phase=Phase.INVALID, reason=r.INVALID_SPEC, message=message,
                                  accepted=(False, r.INVALID_SPEC, message))
         if not is_true(conditions, r.FAILED):
             common.event(body, r.INVALID_SPEC, message, warning=True)
@@ -166,23 +168,23 @@ def _reconcile(body: dict[str, Any], scrape: bool) -> None:
     suspend = job.spec.run_policy.suspend
     child = children.get(backend.job_name(name, job.spec.stages[plan.index].name))
 
-    if plan.phase == "Start":
+    if plan.phase == Phase.START:
         if suspend:
-            plan.phase, plan.reason = "Suspended", r.SUSPENDED_BY_USER
+            plan.phase, plan.reason = Phase.SUSPENDED, r.SUSPENDED_BY_USER
             plan.message = f"Suspended before stage {plan.index + 1}/{len(job.spec.stages)} " \
                            f"{job.spec.stages[plan.index].name} (spec.runPolicy.suspend)."
         else:
             start_stage(body, job, plan, datasets, output_base)
-    elif child is not None and plan.phase in ("Pending", "Running", "Restarting", "Suspended"):
+    elif child is not None and plan.phase in (Phase.PENDING, Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDED):
         sync_suspend(body, child, suspend)
-    if plan.phase == "Failed" and child is not None and plan.stages[plan.index].get("state") != _old_state(status, plan):
+    if plan.phase == Phase.FAILED and child is not None and plan.stages[plan.index].get("state") != _old_state(status, plan):
         detail = failure_detail(_pods(namespace, child["metadata"]["name"]))
         if detail:
             plan.message += f" ({detail})"
             plan.stages[plan.index]["message"] += f" ({detail})"
-    if scrape and plan.phase == "Running" and child is not None and RUNTIME.scrape_trainer:
+    if scrape and plan.phase == Phase.RUNNING and child is not None and RUNTIME.scrape_trainer:
         read_progress(namespace, child["metadata"]["name"], plan.stages[plan.index])
-    if plan.phase == "Pending" and child is not None:
+    if plan.phase == Phase.PENDING and child is not None:
         # looked up by the timer only; other reconciles keep what it found
         previous = (find_condition(conditions, r.RUNNING) or {}).get("message", "")
         kept = previous if previous.startswith(plan.message[:-1] + ": ") else plan.message
@@ -194,12 +196,12 @@ def _reconcile(body: dict[str, Any], scrape: bool) -> None:
     current, text = progress(plan, len(job.spec.stages))
     new = {"observedGeneration": generation, "conditions": new_conditions, "currentStage": current,
            "progress": text, "stages": plan.stages}
-    if plan.phase == "Succeeded":
+    if plan.phase == Phase.SUCCEEDED:
         new["adapter"] = publish(body, job, output_base)
     announce(body, status, new, plan)
     _write(body, status, new)
     metrics.set_job_conditions(key, common.true_conditions(new_conditions))
-    if plan.phase == "Waiting":
+    if plan.phase == Phase.WAITING:
         raise kopf.TemporaryError(plan.message, delay=WAIT_SECONDS)
 
 
@@ -216,19 +218,20 @@ def start_stage(
         ready = find_condition((ds_body or {}).get("status", {}).get("conditions"), r.READY)
         if ds_body is None or ready is None or ready.get("status") != "True":
             if ready is not None and ready.get("reason") in (r.DATA_INVALID, r.VALIDATION_FAILED, r.INVALID_SPEC):
-                plan.phase, plan.reason = "Failed", r.PREFERENCE_DATASET_INVALID
+                plan.phase, plan.reason = Phase.FAILED, r.PREFERENCE_DATASET_INVALID
                 plan.message = f"{label} reads PreferenceDataset {ref.name}, which is not valid: {ready.get('message')}"
                 plan.stages[i].update(state="Failed", message=plan.message)
                 return
             why = "it does not exist" if ds_body is None else (ready or {}).get("message") or "it is not validated yet"
-            plan.phase, plan.reason = "Waiting", r.WAITING_FOR_DATASET
+            plan.phase, plan.reason = Phase.WAITING, r.WAITING_FOR_DATASET
             plan.message = f"{label} waits for PreferenceDataset {ref.name} to become Ready: {why}"
             return
         ds = PreferenceDataset.model_validate({k: ds_body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
         fmt = FORMAT_BY_SCHEMA[ds.spec.schema_]
-        if fmt not in FORMATS_BY_STAGE[stage.type]:
-            plan.phase, plan.reason = "Failed", r.PREFERENCE_DATASET_INVALID
-            plan.message = (f"{label} is a {stage.type} stage and reads {' or '.join(FORMATS_BY_STAGE[stage.type])} "
+        formats = registry.get(stage.type).formats
+        if fmt not in formats:
+            plan.phase, plan.reason = Phase.FAILED, r.PREFERENCE_DATASET_INVALID
+            plan.message = (f"{label} is a {stage.type} stage and reads {' or '.join(formats)} "
                             f"data; PreferenceDataset {ref.name} has schema {ds.spec.schema_}")
             plan.stages[i].update(state="Failed", message=plan.message)
             return
@@ -247,7 +250,7 @@ def start_stage(
         log.info("Created PyTorchJob name=%s namespace=%s finetunejob=%s stage=%s", name, namespace,
                  job.metadata.name, stage.name)
         common.event(body, r.EVENT_CREATED, f"Created PyTorchJob {name} for stage {i + 1}/{n} {stage.name}.")
-    plan.phase, plan.reason, plan.message = "Pending", r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name})."
+    plan.phase, plan.reason, plan.message = Phase.PENDING, r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name})."
     plan.stages[i].update(state="Pending", jobName=name, message="Created")
 
 
@@ -353,7 +356,7 @@ def announce(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], pla
         common.event(body, r.EVENT_SUCCEEDED, plan.message)
     if now.get(r.FAILED) == "True" != was.get(r.FAILED) and plan.reason != r.STAGE_FAILED:
         common.event(body, plan.reason, plan.message, warning=True)
-    if now.get(r.SUSPENDED) != was.get(r.SUSPENDED, "False") and plan.phase not in ("Succeeded", "Failed"):
+    if now.get(r.SUSPENDED) != was.get(r.SUSPENDED, "False") and plan.phase not in (Phase.SUCCEEDED, Phase.FAILED):
         suspended = now.get(r.SUSPENDED) == "True"
         common.event(body, r.EVENT_SUSPENDED if suspended else r.EVENT_RESUMED,
                      "The job is suspended (spec.runPolicy.suspend)." if suspended else "The job was resumed.")
@@ -370,6 +373,10 @@ def _pods(namespace: str, pytorchjob: str) -> list[dict[str, Any]]:
 
 
 def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge-patch the fields of `new` that changed, after passing them through FineTuneJobStatus (the
+    model the CRD's status schema is generated from), so the operator cannot write what the schema lacks."""
+    typed = FineTuneJobStatus.model_validate(new).model_dump(mode="json", by_alias=True, exclude_unset=True)
+    new = {k: typed[k] for k in new}  # what was set, including a None that clears a field
     if common.changed(old, new):
         meta = body["metadata"]
         common.patch_status(FINETUNEJOBS, meta["namespace"], meta["name"], new)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
@@ -38,12 +39,26 @@ EXIT_CODES = {
 }
 
 
+class Phase(StrEnum):
+    """Where a pipeline stands, as the controller acts on it (not written to status: conditions are)."""
+
+    SUCCEEDED = "Succeeded"  # every stage succeeded
+    FAILED = "Failed"  # a stage failed, or its data set is invalid
+    INVALID = "Invalid"  # the spec failed a check; nothing was created
+    RUNNING = "Running"  # the current stage's pods run
+    RESTARTING = "Restarting"  # the current stage restarts after a retryable failure
+    PENDING = "Pending"  # the current stage's PyTorchJob waits for its pods
+    START = "Start"  # the next stage is to be created
+    WAITING = "Waiting"  # the next stage waits for its PreferenceDataset
+    SUSPENDED = "Suspended"  # spec.runPolicy.suspend holds the pipeline
+
+
 @dataclass
 class Plan:
     """Where the pipeline stands after observing it."""
 
     stages: list[dict[str, Any]]
-    phase: str  # Succeeded, Failed, Running, Restarting, Pending, Suspended, Start, Waiting
+    phase: Phase
     index: int  # the stage that phase is about (the next to start for Start)
     reason: str = ""
     message: str = ""
@@ -72,7 +87,7 @@ def check(body: dict[str, Any]) -> tuple[FineTuneJob | None, list[str]]:
             f"spec.output.uri: {'is not set' if not out else out + ' is not shared storage'}; the stages' pods write "
             "there and the next stage reads from there, so set it to pvc://<claim>/<path> or s3://<bucket>/<path>")
     uris = [("spec.model.uri", spec.model.uri)]
-    if spec.model.init is not None:
+    if spec.model.init is not None and spec.model.init.tokenizer is not None:
         uris.append(("spec.model.init.tokenizer.uri", spec.model.init.tokenizer.uri))
     for i, stage in enumerate(spec.stages):
         uris += [(f"spec.stages[{i}].dataset.uri", stage.dataset.uri),
@@ -132,21 +147,21 @@ def observe_stages(
             continue
         label = f"Stage {i + 1}/{n} {stage.name}"
         if entry["state"] == "Failed":
-            plan = Plan(stages, "Failed", i, r.STAGE_FAILED, f"{label} failed: {entry.get('message', '')}".rstrip(": "))
+            plan = Plan(stages, Phase.FAILED, i, r.STAGE_FAILED, f"{label} failed: {entry.get('message', '')}".rstrip(": "))
         elif child is None:
-            plan = Plan(stages, "Start", i, r.PENDING, f"{label} is next.")
+            plan = Plan(stages, Phase.START, i, r.PENDING, f"{label} is next.")
         elif entry["state"] == "Running":
-            plan = Plan(stages, "Running", i, r.STAGE_RUNNING, f"{label} is running (PyTorchJob {name}).")
+            plan = Plan(stages, Phase.RUNNING, i, r.STAGE_RUNNING, f"{label} is running (PyTorchJob {name}).")
         elif entry["state"] == "Restarting":
-            plan = Plan(stages, "Restarting", i, r.STAGE_RESTARTING,
+            plan = Plan(stages, Phase.RESTARTING, i, r.STAGE_RESTARTING,
                         f"{label} is restarting after a retryable failure: {entry.get('message', '')}.")
         elif entry["state"] == "Suspended":
-            plan = Plan(stages, "Suspended", i, r.STAGE_SUSPENDED, f"{label} is suspended (PyTorchJob {name}).")
+            plan = Plan(stages, Phase.SUSPENDED, i, r.STAGE_SUSPENDED, f"{label} is suspended (PyTorchJob {name}).")
         else:
-            plan = Plan(stages, "Pending", i, r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name}).")
+            plan = Plan(stages, Phase.PENDING, i, r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name}).")
     if plan is None:
         done = f"All {n} stages succeeded." if n > 1 else "The stage succeeded."
-        return Plan(stages, "Succeeded", n - 1, r.ALL_STAGES_SUCCEEDED, done)
+        return Plan(stages, Phase.SUCCEEDED, n - 1, r.ALL_STAGES_SUCCEEDED, done)
     plan.stages = stages
     return plan
 
@@ -155,13 +170,13 @@ def progress(plan: Plan, total: int) -> tuple[str, str]:
     """(currentStage, progress) for the printer columns, e.g. ("sft", "1/3 sft 42%")."""
     done = sum(1 for s in plan.stages if s.get("state") == "Succeeded")
     current = plan.stages[plan.index]
-    if plan.phase == "Succeeded":
+    if plan.phase == Phase.SUCCEEDED:
         return current["name"], f"{total}/{total}"
     text = f"{done}/{total} {current['name']}"
     step, steps = current.get("step"), current.get("totalSteps")
-    if plan.phase in ("Running", "Restarting", "Suspended") and step is not None and steps:
+    if plan.phase in (Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDED) and step is not None and steps:
         text += f" {min(100, int(100 * step / steps))}%"
-    if plan.phase == "Failed":
+    if plan.phase == Phase.FAILED:
         text += " failed"
     return current["name"], text
 
@@ -170,7 +185,7 @@ def job_conditions(
     conditions: list[dict[str, Any]],
     generation: int | None,
     *,
-    phase: str,
+    phase: Phase,
     reason: str,
     message: str,
     accepted: tuple[bool, str, str] = (True, r.VALID, "The spec passed every check."),
@@ -188,14 +203,14 @@ def job_conditions(
         put(r.SUSPENDED, "True", r.SUSPENDED_BY_USER, "spec.runPolicy.suspend is true: no new stage starts.")
     else:
         put(r.SUSPENDED, "False", r.NOT_SUSPENDED, "The job is not suspended.")
-    if phase == "Succeeded":
+    if phase == Phase.SUCCEEDED:
         put(r.RUNNING, "False", r.ALL_STAGES_SUCCEEDED, message)
         put(r.SUCCEEDED, "True", reason, message)
         put(r.FAILED, "False", reason, message)
         put(r.READY, "True", reason, message)
         put(r.RECONCILING, "False", r.DONE, "Nothing more to do.")
         put(r.STALLED, "False", r.NOT_STALLED, "Nothing more to do.")
-    elif phase in ("Failed", "Invalid"):
+    elif phase in (Phase.FAILED, Phase.INVALID):
         put(r.RUNNING, "False", reason, message)
         put(r.SUCCEEDED, "False", reason, message)
         put(r.FAILED, "True", reason, message)
@@ -203,7 +218,7 @@ def job_conditions(
         put(r.RECONCILING, "False", reason, "The job stopped; see the Failed condition.")
         put(r.STALLED, "True", reason, message)
     else:
-        running = phase in ("Running", "Restarting")
+        running = phase in (Phase.RUNNING, Phase.RESTARTING)
         put(r.RUNNING, "True" if running else "False", reason, message)
         put(r.SUCCEEDED, "Unknown", reason, message)
         put(r.FAILED, "False", reason, message)

@@ -11,7 +11,6 @@ was cut short restarts from its newest complete checkpoint.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -25,9 +24,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kubetune.api import FORMAT_BY_SCHEMA, FineTuneJob, PreferenceDataset, StageData, render_stage_run
+from kubetune.api import FORMAT_BY_SCHEMA, FineTuneJob, PreferenceDataset, StageData, StageStatus, render_stage_run
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import load_documents, validate_object
+from kubetune.shared import die_with_parent, write_json
 
 RUN_FILE = "run.json"
 PROGRESS_FILE = "progress.json"
@@ -85,16 +85,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _die_with_parent() -> None:
     """Runs in the child: if `kubetune run` is killed, torchrun gets SIGTERM and stops its workers."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
+
+
+def _typed(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stage entries of run.json through the FineTuneJob's StageStatus model (the CRD's schema),
+    so a local run and a cluster run describe a stage with the same fields and states."""
+    return [StageStatus.model_validate(e).to_wire() for e in stages]
 
 
 class Runner:
@@ -123,14 +122,18 @@ class Runner:
         if resume:
             self.console.print(f"No earlier run in {self.run_dir}; starting a new one.")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        stages = [{"name": s.name, "type": s.type, "state": "Pending"} for s in self.plan.job.spec.stages]
+        stages = _typed([{"name": s.name, "type": s.type, "state": "Pending"} for s in self.plan.job.spec.stages])
         state = {"job": self.plan.job.metadata.name, "manifest": str(self.manifest.resolve()),
                  "outputBase": self.output_base, "spec": spec, "stages": stages}
-        _write_json(path, state)
+        write_json(path, state)
         return state
 
     def _save(self) -> None:
-        _write_json(self.run_dir / RUN_FILE, self.state)
+        typed = _typed(self.state["stages"])
+        for entry, wire in zip(self.state["stages"], typed, strict=True):  # the entries stay the same objects
+            entry.clear()
+            entry.update(wire)
+        write_json(self.run_dir / RUN_FILE, self.state)
 
     def run(self) -> int:
         for i, entry in enumerate(self.state["stages"]):

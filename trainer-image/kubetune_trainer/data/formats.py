@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.api.formats import FORMAT_FIELDS
+
 from kubetune_trainer.data.readers import json_type
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -281,23 +283,23 @@ def _check_unpaired(row: dict[str, Any]) -> Problems:
     return _check_prompt_completion(row) + _boolean_label(row)
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("text", ("text",), _check_text, text_fields=("text",)),
-    Format("promptCompletion", ("prompt", "completion"), _check_prompt_completion,
-           text_fields=("prompt", "completion")),
-    Format("messages", ("messages",), _check_messages, optional=("tools",), text_fields=("messages",)),
-    Format("preference", ("prompt", "chosen", "rejected"), _check_preference,
-           text_fields=("prompt", "chosen", "rejected")),
-    Format("unpairedPreference", ("prompt", "completion", "label"), _check_unpaired,
-           text_fields=("prompt", "completion")),
-    Format("imageLabel", ("image", "label"),
-           lambda r: _media(r, "image", ("bytes", "path")) + _label(r)),
-    Format("imageCaption", ("image", "caption"),
-           lambda r: _media(r, "image", ("bytes", "path")) + _text(r, "caption"), text_fields=("caption",)),
-    Format("audioTranscript", ("audio", "text"),
-           lambda r: _media(r, "audio", ("bytes", "path", "array")) + _text(r, "text"), text_fields=("text",)),
-    Format("audio", ("audio",), lambda r: _media(r, "audio", ("bytes", "path", "array"))),
-)}
+# The checks of each format; its required and optional fields come from kubetune.api.formats,
+# the table `kubetune validate` reads too.
+_CHECKS: dict[str, tuple[Callable[[dict[str, Any]], Problems], tuple[str, ...]]] = {
+    "text": (_check_text, ("text",)),
+    "promptCompletion": (_check_prompt_completion, ("prompt", "completion")),
+    "messages": (_check_messages, ("messages",)),
+    "preference": (_check_preference, ("prompt", "chosen", "rejected")),
+    "unpairedPreference": (_check_unpaired, ("prompt", "completion")),
+    "imageLabel": (lambda r: _media(r, "image", ("bytes", "path")) + _label(r), ()),
+    "imageCaption": (lambda r: _media(r, "image", ("bytes", "path")) + _text(r, "caption"), ("caption",)),
+    "audioTranscript": (lambda r: _media(r, "audio", ("bytes", "path", "array")) + _text(r, "text"), ("text",)),
+    "audio": (lambda r: _media(r, "audio", ("bytes", "path", "array")), ()),
+}
+FORMATS: dict[str, Format] = {
+    name: Format(name, required, _CHECKS[name][0], optional=optional, text_fields=_CHECKS[name][1])
+    for name, (required, optional) in FORMAT_FIELDS.items()
+}
 
 # Fields that hold lists or booleans, which a CSV cell can only hold as text.
 _LIST_FIELDS = ("messages", "tools", "prompt", "completion", "chosen", "rejected")

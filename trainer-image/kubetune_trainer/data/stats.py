@@ -7,20 +7,18 @@ import random
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from kubetune.api.formats import held_out_count
+
 from kubetune_trainer.data.formats import get_format
 
 T = TypeVar("T")
 
 
 def split_rows(rows: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """(train, held_out): round(fraction * len) rows held out (at least one when fraction > 0
-    and there are two rows or more), chosen by seed; both keep the rows' order."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the held-out fraction must be at least 0 and below 1, got {fraction}")
+    """(train, held_out): `held_out_count(len(rows), fraction)` rows held out (the operator counts
+    a PreferenceDataset's split with the same rule), chosen by seed; both keep the rows' order."""
     n = len(rows)
-    k = round(n * fraction)
-    if fraction > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
+    k = held_out_count(n, fraction)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:k])

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import StageRun
-from kubetune.api.finetunejob import DpoSpec
+from kubetune.api.registry import DpoSpec
 from trl import DPOConfig, DPOTrainer
 
 from kubetune_trainer import common, evals, models
@@ -27,7 +27,7 @@ from kubetune_trainer.common import Context
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     hp = run.hyperparameters
-    spec = run.dpo or DpoSpec()
+    spec = run.settings(DpoSpec)
     loss = "robust" if spec.loss == "sigmoid" and spec.label_smoothing > 0 else spec.loss
 
     # --- load
@@ -60,7 +60,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         beta=spec.beta,
         loss_type=[loss],
         label_smoothing=spec.label_smoothing,
-        max_length=hp.max_length,
+        max_length=common.max_length(run),
     )
     trainer = DPOTrainer(
         model=model,
@@ -85,4 +85,4 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         trained = models.load_trained(run, ctx.out)
         after = evals.preference_accuracy(evals.preference_logps(trained, tokenizer, held_out), ref_logps, spec.beta)
         sample["after"] = evals.generate(trained, tokenizer, [sample["prompt"]], max_new_tokens=16)[0]
-    return common.report(run, ctx, trainer, "preferenceAccuracy", before, after, sample, len(held_out))
+    return common.report(run, ctx, trainer, before, after, sample, len(held_out))

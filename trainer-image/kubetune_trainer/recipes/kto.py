@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import StageRun
-from kubetune.api.finetunejob import KtoSpec
+from kubetune.api.registry import KtoSpec
 from trl import KTOConfig, KTOTrainer
 
 from kubetune_trainer import common, evals, models
@@ -50,7 +50,7 @@ def logprobs(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> dict[str
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     hp = run.hyperparameters
-    spec = run.kto or KtoSpec()
+    spec = run.settings(KtoSpec)
     if hp.batch_size < 2:
         raise ValueError("kto estimates its KL term within a batch; set hyperparameters.batchSize to 2 or more")
 
@@ -80,7 +80,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         beta=spec.beta,
         desirable_weight=spec.desirable_weight,
         undesirable_weight=spec.undesirable_weight,
-        max_length=hp.max_length,
+        max_length=common.max_length(run),
     )
     trainer = KTOTrainer(
         model=model,
@@ -105,4 +105,4 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         trained = models.load_trained(run, ctx.out)
         after = logprobs(trained, tokenizer, held_out)
         sample["after"] = evals.generate(trained, tokenizer, [sample["prompt"]], max_new_tokens=16)[0]
-    return common.report(run, ctx, trainer, "desirableLogProb", before, after, sample, len(held_out))
+    return common.report(run, ctx, trainer, before, after, sample, len(held_out))

@@ -25,7 +25,8 @@ def build_tokenizer(run: StageRun, ctx: Context, texts: list[str]) -> Any:
     """The input model's tokenizer, or one trained once (rank 0) and shared through the stage folder."""
     from transformers import AutoTokenizer
 
-    if run.model_uri is not None or run.model_init is None or run.model_init.tokenizer.train is None:
+    if run.model_uri is not None or run.model_init is None or run.model_init.tokenizer is None \
+            or run.model_init.tokenizer.train is None:
         return models.load_tokenizer(run, texts)
     resume = common.latest_checkpoint(ctx.out)
     if resume is not None:  # the retried attempt must use the tokenizer its checkpoint was trained with
@@ -61,7 +62,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     before: dict[str, float] | None = None
     prompt = answer_before = None
     if ctx.is_main and held_texts:
-        before = {"evalLoss": evals.eval_loss(model, tokenizer, held_texts, hp.max_length)}
+        before = {"evalLoss": evals.eval_loss(model, tokenizer, held_texts, common.max_length(run))}
         prompt, answer_before = sample(model, tokenizer, held_texts[0])
     common.barrier()
 
@@ -69,7 +70,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     args = common.training_args(
         run, ctx, SFTConfig, evaluate=eval_rows is not None,
         dataset_text_field="text",
-        max_length=hp.max_length,
+        max_length=common.max_length(run),
         packing=True,
         packing_strategy="wrapped",
         completion_only_loss=False,
@@ -98,7 +99,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     sample_out = None
     if ctx.is_main and held_texts:
         trained = models.load_trained(run, ctx.out)
-        after = {"evalLoss": evals.eval_loss(trained, tokenizer, held_texts, hp.max_length)}
+        after = {"evalLoss": evals.eval_loss(trained, tokenizer, held_texts, common.max_length(run))}
         _, answer_after = sample(trained, tokenizer, held_texts[0])
         sample_out = {"prompt": prompt, "before": answer_before, "after": answer_after}
-    return common.report(run, ctx, trainer, "evalLoss", before, after, sample_out, len(held_texts))
+    return common.report(run, ctx, trainer, before, after, sample_out, len(held_texts))

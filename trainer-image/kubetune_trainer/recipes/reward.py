@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import StageRun
-from kubetune.api.finetunejob import RewardSpec
+from kubetune.api.registry import RewardSpec
 from trl import RewardConfig, RewardTrainer
 
 from kubetune_trainer import common, evals, models
@@ -24,7 +24,7 @@ from kubetune_trainer.common import Context
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     hp = run.hyperparameters
-    spec = run.reward or RewardSpec()
+    spec = run.settings(RewardSpec)
 
     # --- load
     rows, held_out = common.load_data(run)
@@ -33,7 +33,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     # --- build
     models.check_tuning(run)
     tokenizer = models.load_tokenizer(run)
-    model = models.load_model(run, tokenizer, kind="reward")
+    model = models.load_model(run, tokenizer)
     model = models.prepare_for_kbit(model, run)
 
     before = sample = None
@@ -47,7 +47,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     eval_rows = common.eval_dataset(run, held_out)
     args = common.training_args(
         run, ctx, RewardConfig, evaluate=eval_rows is not None,
-        max_length=hp.max_length,
+        max_length=common.max_length(run),
         center_rewards_coefficient=spec.center_rewards_coefficient,
     )
     trainer = RewardTrainer(
@@ -56,7 +56,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         train_dataset=common.to_dataset(rows),
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        peft_config=models.lora_config(run, task_type="SEQ_CLS"),
+        peft_config=models.lora_config(run),
         callbacks=ctx.callbacks,
     )
 
@@ -64,13 +64,13 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     common.train(trainer, ctx)
 
     # --- save
-    common.save(trainer, run, ctx, tokenizer, kind="reward")
+    common.save(trainer, run, ctx, tokenizer)
 
     after = None
     if ctx.is_main and held_out:
         assert sample is not None
-        trained = models.load_trained(run, ctx.out, kind="reward")
+        trained = models.load_trained(run, ctx.out)
         accuracy, chosen, rejected = evals.pairwise_accuracy(trained, tokenizer, held_out)
         after = {"pairwiseAccuracy": accuracy}
         sample["after"] = {"chosenScore": chosen[0], "rejectedScore": rejected[0]}
-    return common.report(run, ctx, trainer, "pairwiseAccuracy", before, after, sample, len(held_out))
+    return common.report(run, ctx, trainer, before, after, sample, len(held_out))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api import StageRun
-from kubetune.api.finetunejob import SftSpec
+from kubetune.api.registry import SftSpec
 from trl import SFTConfig, SFTTrainer
 
 from kubetune_trainer import common, evals, models
@@ -40,7 +40,7 @@ def texts_of(rows: list[dict[str, Any]]) -> list[str]:
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     hp = run.hyperparameters
-    spec = run.sft or SftSpec()
+    spec = run.settings(SftSpec)
     fmt = run.dataset.format
 
     # --- load
@@ -66,8 +66,8 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     eval_rows = common.eval_dataset(run, held_out)
     args = common.training_args(
         run, ctx, SFTConfig, evaluate=eval_rows is not None,
-        max_length=hp.max_length,
-        packing=hp.packing,
+        max_length=common.max_length(run),
+        packing=bool(hp.packing),
         completion_only_loss=spec.completion_only_loss if fmt == "promptCompletion" else None,
         assistant_only_loss=spec.completion_only_loss and fmt == "messages",
     )
@@ -95,4 +95,4 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         assert answers_before is not None
         sample = {"prompt": pairs[0][0], "reference": pairs[0][1],
                   "before": answers_before[0], "after": answers_after[0]}
-    return common.report(run, ctx, trainer, "exactMatch", before, after, sample, len(pairs))
+    return common.report(run, ctx, trainer, before, after, sample, len(pairs))

@@ -1,0 +1,236 @@
+"""The stage registry: one typed entry per stage type, and everything derived from it.
+
+    from kubetune.api import registry
+    registry.get("dpo").formats            # ('preference',)
+    registry.get("dpo").recipe             # 'dpo' -> kubetune_trainer/recipes/dpo.py
+
+An entry says what a stage type reads (dataset formats, a PreferenceDataset or not), its
+spec block (the typed settings under `spec.stages[].<type>`), what it needs (a reference
+model, a reward model or reward functions), its defaults (learning rates), what it trains
+(modality and model head), where its recipe lives, which held-out figure proves it learned,
+and how its output is served. From this table come: the `StageType` enum and the type
+blocks of `Stage` and `StageRun` (finetunejob.py, stagerun.py), the CEL rules (formats,
+blocks, PreferenceDataset, text-only hyperparameters), the learning-rate defaults and their
+help text, the "not implemented yet" refusals (validation.py, the trainer), and the trainer's
+dispatch (`kubetune_trainer.launch`).
+
+Adding a stage type is a block model and one row here, plus `recipes/<recipe>.py`. Rows are
+read when `kubetune.api.finetunejob` is first imported; `register` adds one before that
+(tests do, in a fresh interpreter), and refuses once the models are built.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, StringConstraints
+from typing_extensions import Annotated
+
+from kubetune.api.meta import URI_PATTERN, KubeModel
+
+Modality = Literal["text", "image", "audio"]
+# The model a stage trains, as transformers' Auto classes name the heads:
+#   causalLM                AutoModelForCausalLM
+#   reward                  AutoModelForSequenceClassification with one output (a scalar score)
+#   imageClassification     AutoModelForImageClassification
+#   contrastiveImageText    CLIPModel
+#   diffusionUNet           diffusers UNet2DConditionModel (with a CLIP text encoder)
+#   speechSeq2Seq           AutoModelForSpeechSeq2Seq (Whisper)
+#   ctc                     AutoModelForCTC (wav2vec 2.0 fine-tuning)
+#   speechPretraining       Wav2Vec2ForPreTraining
+Head = Literal[
+    "causalLM", "reward", "imageClassification", "contrastiveImageText", "diffusionUNet",
+    "speechSeq2Seq", "ctc", "speechPretraining",
+]
+# What a stage needs to score its samples: nothing, a reward model, or a reward model and/or
+# built-in reward functions.
+RewardSource = Literal["none", "model", "modelOrFunctions"]
+# How a stage's output is served: vLLM (causal LMs on GPUs) or kubetune's own KServe server.
+Serving = Literal["vllm", "kubetune"]
+
+ShortString = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+# --- the spec blocks (spec.stages[].<type>) -----------------------------------------------
+
+
+class SftSpec(KubeModel):
+    completion_only_loss: bool = Field(
+        default=True, description="Compute the loss on completions / assistant turns only, not on prompts."
+    )
+    chat_template: str | None = Field(
+        default=None, max_length=65536,
+        description="Jinja chat template for messages data; default: the model's own, else kubetune's ChatML template.",
+    )
+
+
+class RewardSpec(KubeModel):
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, le=1, description="Pull the mean reward toward zero with this weight (TRL RewardConfig)."
+    )
+
+
+class DpoSpec(KubeModel):
+    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the pull toward the reference model.")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        default="sigmoid", description="sigmoid: DPO; ipo: IPO; hinge: SLiC-style hinge loss."
+    )
+    label_smoothing: float = Field(default=0.0, ge=0, le=0.5, description="Assumed rate of flipped preference labels (cDPO).")
+
+
+class KtoSpec(KubeModel):
+    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the pull toward the reference model.")
+    desirable_weight: float = Field(default=1.0, gt=0, le=100, description="Weight of desirable completions in the loss.")
+    undesirable_weight: float = Field(default=1.0, gt=0, le=100, description="Weight of undesirable completions in the loss.")
+
+
+class PpoSpec(KubeModel):
+    reward_model_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Reward model to score completions (default: the output of the job's last reward stage).",
+    )
+    kl_coef: float = Field(default=0.05, ge=0, le=10, description="Weight of the KL penalty against the reference model.")
+
+
+class GrpoSpec(KubeModel):
+    num_generations: int = Field(default=8, ge=2, le=256, description="Completions sampled per prompt.")
+    max_completion_length: int = Field(default=256, ge=1, le=131072, description="Longest sampled completion in tokens.")
+    reward_functions: list[ShortString] = Field(
+        default_factory=lambda: ["exactMatch"], max_length=16,
+        description="Built-in reward functions scoring each completion against the row's reference.",
+    )
+
+
+# --- the table ----------------------------------------------------------------------------
+
+
+def snake_case(name: str) -> str:
+    """imageClassification -> image_classification (recipe files are snake_case)."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+@dataclass(frozen=True)
+class StageTypeInfo:
+    """Everything that defines one stage type."""
+
+    name: str  # the `type` of a stage, camelCase
+    formats: tuple[str, ...]  # dataset formats it reads (DatasetFormat names)
+    modality: Modality
+    head: Head
+    learning_rates: tuple[float, float]  # default peak learning rate: (full, LoRA / QLoRA)
+    primary: str  # the held-out figure that proves the stage learned (metrics.json `primary`)
+    serving: Serving
+    block: type[KubeModel] | None = None  # settings under spec.stages[].<name>
+    block_help: str = ""  # the block's description, e.g. "Settings of dpo stages (DPO, IPO, hinge)."
+    reference_model: bool = False  # trains against a frozen copy of the model it starts from
+    preference_dataset: bool = False  # may read a PreferenceDataset
+    reward: RewardSource = "none"
+    implemented: bool = True  # the trainer has its recipe; otherwise refused as "not implemented yet"
+    recipe: str = ""  # module under kubetune_trainer.recipes; default: the name in snake_case
+
+    def __post_init__(self) -> None:
+        if not self.recipe:
+            object.__setattr__(self, "recipe", snake_case(self.name))
+        if self.block is not None and not self.block_help:
+            object.__setattr__(self, "block_help", f"Settings of {self.name} stages.")
+
+
+_TEXT_CHAT = ("text", "promptCompletion", "messages")
+
+STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
+    StageTypeInfo("pretrain", ("text",), "text", "causalLM", (3e-4, 3e-4), "evalLoss", "vllm"),
+    StageTypeInfo("sft", _TEXT_CHAT, "text", "causalLM", (2e-5, 2e-4), "exactMatch", "vllm", block=SftSpec),
+    StageTypeInfo("reward", ("preference",), "text", "reward", (2e-5, 2e-4), "pairwiseAccuracy", "kubetune",
+                  block=RewardSpec, preference_dataset=True),
+    StageTypeInfo("ppo", ("promptCompletion", "messages"), "text", "causalLM", (1e-6, 1e-5), "meanReward", "vllm",
+                  block=PpoSpec, reference_model=True, reward="model", implemented=False),
+    StageTypeInfo("dpo", ("preference",), "text", "causalLM", (1e-6, 5e-6), "preferenceAccuracy", "vllm",
+                  block=DpoSpec, block_help="Settings of dpo stages (DPO, IPO, hinge).", reference_model=True,
+                  preference_dataset=True),
+    StageTypeInfo("kto", ("unpairedPreference", "preference"), "text", "causalLM", (1e-6, 5e-6), "desirableLogProb",
+                  "vllm", block=KtoSpec, reference_model=True, preference_dataset=True),
+    StageTypeInfo("grpo", ("promptCompletion", "messages"), "text", "causalLM", (1e-6, 1e-5), "exactMatch", "vllm",
+                  block=GrpoSpec, reference_model=True, reward="modelOrFunctions", implemented=False),
+    StageTypeInfo("imageClassification", ("imageLabel",), "image", "imageClassification", (5e-5, 5e-4), "accuracy",
+                  "kubetune", implemented=False),
+    StageTypeInfo("clip", ("imageCaption",), "image", "contrastiveImageText", (1e-5, 1e-4), "retrievalAccuracy",
+                  "kubetune", implemented=False),
+    StageTypeInfo("diffusion", ("imageCaption",), "image", "diffusionUNet", (1e-5, 1e-4), "evalLoss", "kubetune",
+                  implemented=False),
+    StageTypeInfo("asr", ("audioTranscript",), "audio", "speechSeq2Seq", (1e-5, 1e-4), "wordErrorRate", "kubetune",
+                  implemented=False),
+    StageTypeInfo("audioPretrain", ("audio",), "audio", "speechPretraining", (5e-5, 5e-5), "evalLoss", "kubetune",
+                  implemented=False),
+)}
+
+# Architectures `spec.model.init` can build, and their modality (the vision and speech stages add theirs).
+ARCHITECTURES: dict[str, Modality] = {"llama": "text", "qwen2": "text", "gpt2": "text"}
+
+_frozen = False
+
+
+def register(info: StageTypeInfo) -> None:
+    """Add a stage type before the API models are built (a plugin or a test in a fresh interpreter)."""
+    if _frozen:
+        raise RuntimeError(
+            "register stage types before kubetune.api.finetunejob is imported: the models are built from the registry then"
+        )
+    if info.name in STAGE_TYPES:
+        raise ValueError(f"stage type {info.name} is registered already")
+    STAGE_TYPES[info.name] = info
+
+
+def freeze() -> tuple[StageTypeInfo, ...]:
+    """The rows, once and for all (called by finetunejob.py as it builds the models)."""
+    global _frozen
+    _frozen = True
+    return tuple(STAGE_TYPES.values())
+
+
+def get(name: str) -> StageTypeInfo:
+    try:
+        return STAGE_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage type {name!r}; kubetune knows {', '.join(STAGE_TYPES)}") from None
+
+
+def names() -> tuple[str, ...]:
+    return tuple(STAGE_TYPES)
+
+
+def implemented() -> tuple[str, ...]:
+    return tuple(t.name for t in STAGE_TYPES.values() if t.implemented)
+
+
+def with_blocks() -> tuple[StageTypeInfo, ...]:
+    return tuple(t for t in STAGE_TYPES.values() if t.block is not None)
+
+
+def text_stages() -> tuple[str, ...]:
+    return tuple(t.name for t in STAGE_TYPES.values() if t.modality == "text")
+
+
+def block_field(cls: type[KubeModel]) -> str:
+    """The `spec.stages[].<field>` (and StageRun field) that holds settings of type `cls`."""
+    for t in STAGE_TYPES.values():
+        if t.block is cls:
+            return t.name
+    raise ValueError(f"{cls.__name__} is no stage type's block")
+
+
+def not_implemented_message(name: str) -> str:
+    return f"stage type {name} is not implemented yet; kubetune runs {', '.join(implemented())} today"
+
+
+def learning_rate_help() -> str:
+    """The help text of hyperparameters.learningRate, from the table."""
+    def fmt(x: float) -> str:
+        return f"{x:.0e}".replace("e-0", "e-")
+
+    parts = []
+    for t in STAGE_TYPES.values():
+        full, lora = t.learning_rates
+        parts.append(f"{t.name} {fmt(full)}" + (f" ({fmt(lora)} with LoRA)" if lora != full else ""))
+    return "Peak learning rate. Default per stage type: " + ", ".join(parts) + "."

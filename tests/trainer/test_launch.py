@@ -127,12 +127,20 @@ def test_metrics_endpoint_serves_trainer_metrics() -> None:
         metrics.step.set(7)
         metrics.loss.set(1.5)
         metrics.tokens.inc(1000)
+        before_rl = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        metrics.set_rl("reward", 0.25)
+        metrics.set_rl("kl", 0.01)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         metrics.close()
-    assert 'kubetune_trainer_step{job="job-a",stage="sft"} 7.0' in body
-    assert 'kubetune_trainer_loss{job="job-a",stage="sft"} 1.5' in body
-    assert 'kubetune_trainer_tokens_total{job="job-a",stage="sft"} 1000.0' in body
+    # `finetunejob`, not `job`: Prometheus keeps `job` for the scrape job
+    assert 'kubetune_trainer_step{finetunejob="job-a",stage="sft"} 7.0' in body
+    assert 'kubetune_trainer_loss{finetunejob="job-a",stage="sft"} 1.5' in body
+    assert 'kubetune_trainer_tokens_total{finetunejob="job-a",stage="sft"} 1000.0' in body
+    # RL figures appear once an RL stage reports them, not as zeros on every stage
+    assert "kubetune_trainer_reward" not in before_rl
+    assert 'kubetune_trainer_reward{finetunejob="job-a",stage="sft"} 0.25' in body
+    assert 'kubetune_trainer_kl{finetunejob="job-a",stage="sft"} 0.01' in body
     for name in ("total_steps", "learning_rate", "tokens_per_second", "samples_per_second", "epoch"):
         assert f"kubetune_trainer_{name}" in body
 

@@ -20,6 +20,10 @@ Metrics (labels finetunejob and stage only; `job` is Prometheus' own target labe
     kubetune_trainer_samples_per_second          examples per second since the last logging step
     kubetune_trainer_tokens_total                input tokens seen (counter)
     kubetune_trainer_gpu_memory_bytes            peak CUDA memory allocated by this process (GPU only)
+
+RL stages (ppo, grpo) also report, at each logging step, the figures of `RL_FIGURES` (mean
+reward, KL to the reference, entropy; PPO adds value loss, clip fraction and explained
+variance) as `kubetune_trainer_<name>` gauges and under "rl" in progress.json.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ from kubetune.shared import write_json
 from kubetune_trainer.common import latest_checkpoint
 
 log = logging.getLogger("kubetune_trainer")
+
+
+# Trainer log key -> gauge name (kubetune_trainer_<name>) of the RL figures. The keys are what
+# TRL's GRPOTrainer logs and what recipes/ppo.py logs.
+RL_FIGURES: dict[str, tuple[str, str]] = {
+    "reward": ("reward", "Mean reward of the sampled completions at the last logging step."),
+    "kl": ("kl", "Mean KL divergence of the policy to the reference model at the last logging step."),
+    "entropy": ("entropy", "Mean per-token entropy of the policy's samples at the last logging step."),
+    "value_loss": ("value_loss", "PPO value-function loss at the last logging step."),
+    "clip_fraction": ("clip_fraction", "Share of tokens whose policy ratio was clipped at the last logging step (PPO)."),
+    "explained_variance": ("explained_variance", "How much of the returns' variance the value model explains (PPO)."),
+}
 
 
 class Metrics:
@@ -64,10 +80,17 @@ class Metrics:
         ).labels(job, stage)
         self.gpu_memory = gauge("gpu_memory_bytes", "Peak CUDA memory allocated by this process.") \
             if torch.cuda.is_available() else None
+        self._gauge = gauge
+        self.rl: dict[str, Any] = {}  # made on first use, so only RL stages export them
         self.server = None
         if port:
             self.server, _ = start_http_server(port, registry=self.registry)
             log.info("Serving metrics port=%d", port)
+
+    def set_rl(self, key: str, value: float) -> None:
+        if key not in self.rl:
+            self.rl[key] = self._gauge(*RL_FIGURES[key])
+        self.rl[key].set(value)
 
     def close(self) -> None:
         if self.server is not None:
@@ -78,7 +101,7 @@ class Metrics:
 class ProgressCallback(TrainerCallback):
     """Writes progress.json and updates the metrics at every log and save (rank 0 only)."""
 
-    def __init__(self, out: Path, output_uri: str, metrics: Metrics | None) -> None:
+    def __init__(self, out: Path, output_uri: str, metrics: Metrics | None, rl: bool = False) -> None:
         self.path = out / "progress.json"
         self.out = out
         self.output_uri = output_uri.rstrip("/")
@@ -86,6 +109,8 @@ class ProgressCallback(TrainerCallback):
         self.loss: float | None = None
         self.lr: float | None = None
         self.tokens_per_second: float | None = None
+        self.rl: dict[str, float] = {}
+        self.report_rl = rl  # an RL stage (its registry entry scores samples): report RL_FIGURES
         self.start_time = time.time()
         self.start_step = 0
         self._last = (time.time(), 0, 0)  # time, tokens, step at the previous log
@@ -109,6 +134,7 @@ class ProgressCallback(TrainerCallback):
             "state": status,
             "lastCheckpoint": f"{self.output_uri}/{ckpt.name}" if ckpt else None,
             "updatedAt": now_rfc3339(),
+            **({"rl": dict(self.rl)} if self.rl else {}),
         })
 
     # -- TrainerCallback --
@@ -131,6 +157,9 @@ class ProgressCallback(TrainerCallback):
             self.loss = float(logs["loss"])
         if "learning_rate" in logs:
             self.lr = float(logs["learning_rate"])
+        for key in RL_FIGURES if self.report_rl else ():
+            if key in logs:
+                self.rl[key] = float(logs[key])
         t, tokens, step = time.time(), int(state.num_input_tokens_seen or 0), state.global_step
         t0, tokens0, step0 = self._last
         samples_per_second = None
@@ -155,6 +184,8 @@ class ProgressCallback(TrainerCallback):
                 m.tokens.inc(tokens - tokens0)
             if m.gpu_memory is not None:
                 m.gpu_memory.set(torch.cuda.max_memory_allocated())
+            for key, value in self.rl.items():
+                m.set_rl(key, value)
         if "loss" in logs:
             log.info(
                 "Trained step=%d/%d loss=%.4f lr=%.3g epoch=%.2f tokensPerSecond=%s",
@@ -187,6 +218,7 @@ def write_final(out: Path, output_uri: str, status: str, step: int = 0, total: i
         "epoch": previous.get("epoch", 0.0),
         "etaSeconds": 0.0 if status == "succeeded" else None,
         "tokensPerSecond": previous.get("tokensPerSecond"),
+        **({"rl": previous["rl"]} if previous.get("rl") else {}),
         "state": status,
         "lastCheckpoint": f"{output_uri.rstrip('/')}/{ckpt.name}" if ckpt else previous.get("lastCheckpoint"),
         "updatedAt": now_rfc3339(),

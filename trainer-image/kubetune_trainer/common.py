@@ -246,6 +246,19 @@ def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any) -> No
     barrier()
 
 
+def rl_figures(trainer: Any) -> dict[str, float]:
+    """An RL stage's figures from its log: mean reward at the first and last logging steps, and the
+    last KL to the reference and entropy (the keys of callbacks.RL_FIGURES)."""
+    logged = [e for e in trainer.state.log_history if "reward" in e]
+    if not logged:
+        return {}
+    out = {"rewardFirst": float(logged[0]["reward"]), "rewardLast": float(logged[-1]["reward"])}
+    for key, name in (("kl", "klLast"), ("entropy", "entropyLast")):
+        if key in logged[-1]:
+            out[name] = float(logged[-1][key])
+    return out
+
+
 def last_train_loss(trainer: Any) -> float | None:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return float(losses[-1]) if losses else None
@@ -259,6 +272,7 @@ def report(
     after: dict[str, float] | None,
     sample: dict[str, Any] | None,
     held_out: int,
+    rl: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The content of metrics.json (launch.py writes it): train loss, held-out figures (the
     registry's primary one named), a sample."""
@@ -272,6 +286,8 @@ def report(
         flat[k] = v
     for k, v in (before or {}).items():
         flat[k + "Before"] = v
+    for k, v in (rl or {}).items():
+        flat[k] = v
     return {
         "job": run.job,
         "stage": run.stage,
@@ -287,5 +303,6 @@ def report(
         "before": before,
         "after": after,
         "sample": sample,
+        **({"rl": rl} if rl else {}),
         "metrics": flat,
     }

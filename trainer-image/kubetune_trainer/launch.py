@@ -223,7 +223,7 @@ def run_stage(path: str) -> int:
         if ctx.is_main:
             callbacks.write_final(out, output_uri, "running")
             metrics = callbacks.Metrics(run.job, run.stage, run.metrics_port)
-            ctx.callbacks.append(callbacks.ProgressCallback(out, output_uri, metrics))
+            ctx.callbacks.append(callbacks.ProgressCallback(out, output_uri, metrics, rl=run.info.reward != "none"))
         log.info("Started stage job=%s stage=%s type=%s method=%s output=%s worldSize=%d",
                  run.job, run.stage, run.type, run.tuning.method, out, world)
         result = recipe_module(run).run(run, ctx)

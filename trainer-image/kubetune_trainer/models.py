@@ -294,6 +294,24 @@ def load_model(run: StageRun, processing_class: Any, head: str | None = None, ur
     return model
 
 
+def load_scorer(run: StageRun, uri: str) -> tuple[Any, Any]:
+    """A frozen reward model and its tokenizer (full precision, eval mode) to score samples with."""
+    from transformers import AutoTokenizer
+
+    path = str(storage.local_path(uri))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=run.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    spec = HEADS["reward"]
+    model = spec.cls().from_pretrained(path, dtype=torch.float32, trust_remote_code=run.trust_remote_code,
+                                       **dict(spec.kwargs))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False).eval()
+    log.info("Loaded reward model uri=%s parameters=%d", uri, count_parameters(model))
+    return model, tokenizer
+
+
 def fit_embeddings(model: Any, tokenizer: Any) -> None:
     """Grow the embeddings when the tokenizer gained tokens (new rows start at the mean embedding)."""
     if hasattr(tokenizer, "__len__") and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

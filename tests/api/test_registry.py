@@ -178,3 +178,48 @@ def test_a_ppo_stage_without_a_reward_model_is_refused_naming_the_field() -> Non
     stage = {"name": "rl", "type": "ppo", "dataset": {"uri": "file://d.jsonl", "format": "promptCompletion"}}
     problems = validate_object(_job(stage))
     assert any(p.path == "spec.stages[0].ppo.rewardModelUri" for p in problems), problems
+
+
+def test_grpo_batches_must_hold_whole_groups() -> None:
+    stage = {"name": "rl", "type": "grpo", "dataset": {"uri": "file://d.jsonl", "format": "promptCompletion"},
+             "grpo": {"numGenerations": 8}, "hyperparameters": {"batchSize": 12}, "resources": {"gpusPerNode": 0}}
+    problems = validate_object(_job(stage))
+    assert [p.path for p in problems] == ["spec.stages[0].hyperparameters.batchSize"], problems
+    stage["hyperparameters"] = {"batchSize": 16}
+    assert validate_object(_job(stage)) == []
+
+
+def test_grpo_needs_a_reward_function_or_a_reward_model() -> None:
+    stage = {"name": "rl", "type": "grpo", "dataset": {"uri": "file://d.jsonl", "format": "promptCompletion"},
+             "grpo": {"rewardFunctions": []}}
+    assert [p.path for p in validate_object(_job(stage))] == ["spec.stages[0].grpo.rewardFunctions"]
+    stage["grpo"] = {"rewardFunctions": [], "rewardModelUri": "file://rm"}
+    assert validate_object(_job(stage)) == []
+    stage["grpo"] = {"rewardFunctions": ["format"]}
+    assert any("grpo.formatPattern" in p.message for p in validate_object(_job(stage)))
+
+
+def test_an_rlhf_chain_hands_the_policy_past_the_reward_model() -> None:
+    """pretrain -> sft -> reward -> grpo: the reward model starts from the SFT model, GRPO starts
+    from the SFT model too (not from the reward model), with the reward model as its scorer."""
+    from kubetune.api.finetunejob import FineTuneJob
+    from kubetune.api.stagerun import render_stage_run
+
+    def stage(name: str, type: str, fmt: str, **extra: object) -> dict[str, object]:
+        return {"name": name, "type": type, "dataset": {"uri": f"file://{name}.jsonl", "format": fmt}, **extra}
+
+    job = FineTuneJob.model_validate({
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "rlhf"},
+        "spec": {"model": {"uri": "hf://org/base"}, "stages": [
+            stage("sft", "sft", "promptCompletion", tuning={"method": "lora"}),
+            stage("rm", "reward", "preference"),
+            stage("rl", "grpo", "promptCompletion", grpo={"rewardFunctions": []}),
+        ]},
+    })
+    assert validate_object(job.to_wire() | {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"}) == []
+    rm = render_stage_run(job, 1, "s3://b/out")
+    rl = render_stage_run(job, 2, "s3://b/out")
+    assert rm.model_uri == "s3://b/out/sft/merged"
+    assert rl.model_uri == rl.reference_model_uri == "s3://b/out/sft/merged"
+    assert rl.reward_model_uri == "s3://b/out/rm"
+    assert rm.reward_model_uri is None and rm.reference_model_uri is None

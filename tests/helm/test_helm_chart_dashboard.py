@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from helm_helpers import CHART, documents, find, template
+from kubetune_trainer.callbacks import RL_FIGURES
 
 SUFFIXES = ("_bucket", "_count", "_sum")
 
@@ -24,7 +25,10 @@ def _served_metrics() -> set[str]:
     from kubetune import metrics
     from kubetune_trainer.callbacks import Metrics
 
-    families = [*metrics.REGISTRY.collect(), *Metrics("job", "stage", port=0).registry.collect()]
+    trainer = Metrics("job", "stage", port=0)
+    for key in RL_FIGURES:  # registered when an RL stage first reports them
+        trainer.set_rl(key, 0.0)
+    families = [*metrics.REGISTRY.collect(), *trainer.registry.collect()]
     names = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     return names | {"kubetune_trainer_gpu_memory_bytes"}  # registered only where CUDA is (see the last test)
 

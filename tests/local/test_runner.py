@@ -31,6 +31,7 @@ def _manifest(tmp: Path, name: str, max_steps: int, stage_type: str = "pretrain"
               data_format: str = "text") -> Path:
     _corpus(tmp / "data" / "corpus.jsonl")
     path = tmp / f"{name}.yaml"
+    text_only = "maxLength: 32, packing: true, " if data_format in ("text", "promptCompletion", "messages") else ""
     path.write_text(f"""
 apiVersion: kubetune.io/v1alpha1
 kind: FineTuneJob
@@ -47,7 +48,7 @@ spec:
   - name: pt
     type: {stage_type}
     dataset: {{uri: file://data/corpus.jsonl, format: {data_format}}}
-    hyperparameters: {{maxSteps: {max_steps}, batchSize: 4, maxLength: 32, packing: true,
+    hyperparameters: {{maxSteps: {max_steps}, batchSize: 4, {text_only}
                       learningRate: 1.0e-3, saveSteps: {save_steps}, loggingSteps: 2}}
     resources: {{gpusPerNode: 0}}
 """)
@@ -128,7 +129,7 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path) -> None:
     assert _complete_checkpoints(stage_dir)
 
 
-@pytest.mark.parametrize(("stage_type", "data_format"), [("grpo", "promptCompletion"), ("asr", "audioTranscript")])
+@pytest.mark.parametrize(("stage_type", "data_format"), [("clip", "imageCaption"), ("asr", "audioTranscript")])
 def test_stage_types_without_a_recipe_are_refused_before_anything_runs(
     tmp_path: Path, stage_type: str, data_format: str
 ) -> None:

@@ -128,6 +128,16 @@ def exact_match(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]]) ->
     return hits / len(pairs), answers
 
 
+def exact_match_after(
+    run: Any, out: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], answers_before: Sequence[str],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The trained model's held-out exact match (reloaded from the stage folder `out`), and a sample:
+    the first prompt, its reference, and the answers before and after (sft and grpo report these)."""
+    accuracy, answers_after = exact_match(models.load_trained(run, out), tokenizer, pairs)
+    sample = {"prompt": pairs[0][0], "reference": pairs[0][1], "before": answers_before[0], "after": answers_after[0]}
+    return {"exactMatch": accuracy}, sample
+
+
 # --- log-probabilities --------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import Field, StringConstraints
 from typing_extensions import Annotated
 
-from kubetune.api.meta import URI_PATTERN, KubeModel
+from kubetune.api.meta import URI_PATTERN, KubeModel, cel, rules
 
 Modality = Literal["text", "image", "audio"]
 # The model a stage trains, as transformers' Auto classes name the heads:
@@ -94,13 +94,42 @@ class PpoSpec(KubeModel):
     kl_coef: float = Field(default=0.05, ge=0, le=10, description="Weight of the KL penalty against the reference model.")
 
 
-class GrpoSpec(KubeModel):
-    num_generations: int = Field(default=8, ge=2, le=256, description="Completions sampled per prompt.")
-    max_completion_length: int = Field(default=256, ge=1, le=131072, description="Longest sampled completion in tokens.")
-    reward_functions: list[ShortString] = Field(
-        default_factory=lambda: ["exactMatch"], max_length=16,
-        description="Built-in reward functions scoring each completion against the row's reference.",
+RewardFunction = Literal["exactMatch", "numericMatch", "format", "lengthPenalty"]
+
+
+class GrpoSpec(KubeModel, json_schema_extra=rules(
+    cel("!('format' in self.rewardFunctions) || has(self.formatPattern)",
+        "grpo.rewardFunctions has format: set grpo.formatPattern, the regular expression an answer must match"),
+)):
+    reward_functions: list[RewardFunction] = Field(
+        default_factory=lambda: list[RewardFunction](["exactMatch"]), max_length=4,
+        description="Built-in rewards of each completion: exactMatch (1 when it equals the row's reference answer, "
+                    "whitespace aside), numericMatch (1 when its last number equals the reference's), format (1 when "
+                    "it matches formatPattern), lengthPenalty (minus its length over maxCompletionLength). Summed, "
+                    "with the reward model's score when there is one. Empty: the reward model alone.",
     )
+    format_pattern: str | None = Field(
+        default=None, max_length=1024,
+        description="Regular expression (Python re.fullmatch, on the stripped answer) of the format reward.",
+    )
+    reward_model_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="Reward model whose score is added to the rewards (default: the output of the job's last reward "
+                    "stage, when there is one).",
+    )
+    num_generations: int = Field(default=8, ge=2, le=256, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(default=256, ge=1, le=131072, description="Longest sampled completion in tokens.")
+    beta: float = Field(
+        default=0.04, ge=0, le=10,
+        description="Weight of the KL penalty to the reference model (0.04 in DeepSeekMath's GRPO; 0 drops the "
+                    "reference model).",
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        default="dapo",
+        description="How token losses are aggregated, as TRL names it: grpo (per sequence, then mean), dr_grpo "
+                    "(Dr. GRPO: a constant normaliser), dapo (over all tokens of the batch; TRL's default).",
+    )
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature of the completions.")
 
 
 # --- the table ----------------------------------------------------------------------------
@@ -152,7 +181,7 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
     StageTypeInfo("kto", ("unpairedPreference", "preference"), "text", "causalLM", (1e-6, 5e-6), "desirableLogProb",
                   "vllm", block=KtoSpec, reference_model=True, preference_dataset=True),
     StageTypeInfo("grpo", ("promptCompletion", "messages"), "text", "causalLM", (1e-6, 1e-5), "exactMatch", "vllm",
-                  block=GrpoSpec, reference_model=True, reward="modelOrFunctions", implemented=False),
+                  block=GrpoSpec, reference_model=True, reward="modelOrFunctions"),
     StageTypeInfo("imageClassification", ("imageLabel",), "image", "imageClassification", (5e-5, 5e-4), "accuracy",
                   "kubetune", implemented=False),
     StageTypeInfo("clip", ("imageCaption",), "image", "contrastiveImageText", (1e-5, 1e-4), "retrievalAccuracy",

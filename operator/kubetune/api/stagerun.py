@@ -100,6 +100,20 @@ def stage_model_uri(output_base: str, stage: Stage) -> str:
     return out if stage.tuning.method == "full" else f"{out}/merged"
 
 
+def input_stage(job: FineTuneJob, index: int) -> Stage | None:
+    """The stage whose output stage `index` starts from; None: spec.model.
+
+    The last earlier stage with the same model head, or with a causal-LM head: a reward model
+    branches off the policy line (InstructGPT's SFT -> reward model -> PPO), so it starts from the
+    policy before it, and the stage after it starts from that policy again, not from the reward model.
+    """
+    head = registry.get(job.spec.stages[index].type).head
+    for stage in reversed(job.spec.stages[:index]):
+        if registry.get(stage.type).head in (head, "causalLM"):
+            return stage
+    return None
+
+
 def reward_model_uri(job: FineTuneJob, index: int, output_base: str) -> str | None:
     """The reward model of stage `index`: its block's rewardModelUri, else the output of the
     last reward stage before it; None when the stage type needs none (or none is found)."""
@@ -127,10 +141,13 @@ def render_stage_run(
     """
     spec = job.spec
     stage = spec.stages[index]
+    source = input_stage(job, index)
     if index == 0:
         model_uri, model_init = spec.model.uri, spec.model.init
+    elif source is None:
+        model_uri, model_init = spec.model.uri, None
     else:
-        model_uri, model_init = stage_model_uri(output_base, spec.stages[index - 1]), None
+        model_uri, model_init = stage_model_uri(output_base, source), None
     last = index == len(spec.stages) - 1
     if dataset is None:
         d = stage.dataset

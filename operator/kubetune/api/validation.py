@@ -147,12 +147,31 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
         info = registry.get(stage.type)
         if not info.implemented:
             out.append(Problem(f"{p}.type", registry.not_implemented_message(stage.type)))
-        if info.reward == "model" and not any(registry.get(s.type).head == "reward" for s in spec.stages[:i]) \
-                and not getattr(getattr(stage, stage.type, None), "reward_model_uri", None):
+        block = getattr(stage, stage.type, None)
+        has_reward_model = bool(getattr(block, "reward_model_uri", None)) or any(
+            registry.get(s.type).head == "reward" for s in spec.stages[:i])
+        functions = getattr(block, "reward_functions", None) if block is not None else ["default"]
+        if info.reward == "model" and not has_reward_model:
             out.append(Problem(
                 f"{p}.{stage.type}.rewardModelUri",
                 f"a {stage.type} stage scores its samples with a reward model; set {stage.type}.rewardModelUri "
                 "or put a reward stage before it",
+            ))
+        groups = getattr(block, "num_generations", None)
+        hp, res = stage.hyperparameters, stage.resources
+        processes = res.nodes * max(res.gpus_per_node, 1)
+        if groups and (hp.batch_size * hp.gradient_accumulation_steps * processes) % groups:
+            out.append(Problem(
+                f"{p}.hyperparameters.batchSize",
+                f"batchSize x gradientAccumulationSteps x processes ({hp.batch_size} x {hp.gradient_accumulation_steps}"
+                f" x {processes}) must be a multiple of {stage.type}.numGenerations ({groups}): each step samples "
+                "whole groups",
+            ))
+        if info.reward == "modelOrFunctions" and not has_reward_model and not functions:
+            out.append(Problem(
+                f"{p}.{stage.type}.rewardFunctions",
+                f"a {stage.type} stage needs something to score its samples: list built-in rewardFunctions, set "
+                f"{stage.type}.rewardModelUri, or put a reward stage before it",
             ))
         if i == 0 and spec.model.init is not None:
             if stage.tuning.method != "full":

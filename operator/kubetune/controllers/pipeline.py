@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from kubetune.api import reasons as r
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.meta import set_condition
-from kubetune.api.stagerun import stage_model_uri, stage_output_uri
+from kubetune.api.stagerun import input_stage, stage_model_uri, stage_output_uri
 from kubetune.api.validation import semantic_problems
 from kubetune.backends import pod_annotations, pytorchjob
 
@@ -278,7 +278,8 @@ def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
     model that stage started from, or the whole (merged) model."""
     stages = job.spec.stages
     last = stages[-1]
-    base = job.spec.model.uri if len(stages) == 1 else stage_model_uri(output_base, stages[-2])
+    source = input_stage(job, len(stages) - 1)
+    base = job.spec.model.uri if source is None else stage_model_uri(output_base, source)
     publish = job.spec.publish
     serving: dict[str, Any] = {}
     if publish is not None:

@@ -89,10 +89,6 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
 
     after = sample = None
     if ctx.is_main and pairs:
-        trained = models.load_trained(run, ctx.out)
-        accuracy, answers_after = evals.exact_match(trained, tokenizer, pairs)
-        after = {"exactMatch": accuracy}
         assert answers_before is not None
-        sample = {"prompt": pairs[0][0], "reference": pairs[0][1],
-                  "before": answers_before[0], "after": answers_after[0]}
+        after, sample = evals.exact_match_after(run, ctx.out, tokenizer, pairs, answers_before)
     return common.report(run, ctx, trainer, before, after, sample, len(pairs))

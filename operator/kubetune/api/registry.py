@@ -87,11 +87,47 @@ class KtoSpec(KubeModel):
 
 
 class PpoSpec(KubeModel):
+    """PPO's settings, with the defaults of TRL's last PPOConfig (see recipes/ppo.py)."""
+
     reward_model_uri: str | None = Field(
         default=None, pattern=URI_PATTERN, max_length=2048,
-        description="Reward model to score completions (default: the output of the job's last reward stage).",
+        description="Reward model scoring answers (default: the output of the job's last reward stage); it must use "
+                    "the policy's tokenizer.",
     )
-    kl_coef: float = Field(default=0.05, ge=0, le=10, description="Weight of the KL penalty against the reference model.")
+    kl_coef: float = Field(default=0.05, ge=0, le=10, description="Weight of the per-token KL penalty against the reference model.")
+    kl_target: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Adaptive KL (Ziegler et al.): steer klCoef so the mean KL per answer (nats) nears this; unset keeps klCoef fixed.",
+    )
+    kl_horizon: int = Field(default=10000, ge=1, le=10000000, description="Answers over which the adaptive klCoef moves by up to 20%.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        default="k1", description="KL estimate in the penalty: k1 = log pi/pi_ref; k3 = (r - 1) - log r, never negative (Schulman).",
+    )
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount over answer tokens.")
+    gae_lambda: float = Field(default=0.95, ge=0, le=1, description="Lambda of generalised advantage estimation.")
+    clip_range: float = Field(default=0.2, gt=0, le=1, description="The policy ratio is clipped to [1 - clipRange, 1 + clipRange].")
+    value_clip_range: float = Field(default=0.2, gt=0, le=100, description="New values are clipped to within this of the rollout's values.")
+    value_coef: float = Field(default=0.1, ge=0, le=10, description="Weight of the value loss.")
+    ppo_epochs: int = Field(default=4, ge=1, le=100, description="Passes over each rollout batch.")
+    mini_batches: int = Field(
+        default=1, ge=1, le=1024,
+        description="Optimizer steps per pass; a rollout is batchSize x gradientAccumulationSteps x miniBatches answers per process.",
+    )
+    max_completion_length: int = Field(
+        default=53, ge=1, le=131072, description="Longest sampled answer in tokens; must be below hyperparameters.maxLength.",
+    )
+    temperature: float = Field(default=0.7, gt=0, le=10, description="Sampling temperature; log-probabilities use the same.")
+    missing_eos_penalty: float = Field(
+        default=1.0, ge=0, le=100, description="Subtracted from the score of an answer that never ends (0 turns it off).",
+    )
+    value_warmup_steps: int = Field(
+        default=0, ge=0, le=100000,
+        description="First steps train only the value model (OpenRLHF's freezing_actor_steps), so its advantages make sense first.",
+    )
+    normalize_scores: bool = Field(
+        default=False, description="Scale reward-model scores to mean 0, std 1 on the starting policy's answers (lm-human-preferences).",
+    )
+    whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
 
 
 RewardFunction = Literal["exactMatch", "numericMatch", "format", "lengthPenalty"]
@@ -174,7 +210,7 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
     StageTypeInfo("reward", ("preference",), "text", "reward", (2e-5, 2e-4), "pairwiseAccuracy", "kubetune",
                   block=RewardSpec, preference_dataset=True),
     StageTypeInfo("ppo", ("promptCompletion", "messages"), "text", "causalLM", (1e-6, 1e-5), "meanReward", "vllm",
-                  block=PpoSpec, reference_model=True, reward="model", implemented=False),
+                  block=PpoSpec, reference_model=True, reward="model"),
     StageTypeInfo("dpo", ("preference",), "text", "causalLM", (1e-6, 5e-6), "preferenceAccuracy", "vllm",
                   block=DpoSpec, block_help="Settings of dpo stages (DPO, IPO, hinge).", reference_model=True,
                   preference_dataset=True),

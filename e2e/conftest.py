@@ -4,17 +4,19 @@
 
 The session builds the binaries (`e2e/cluster/build`, cached outside the repository), starts
 the cluster once (`e2e/cluster/up`: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, KWOK fake GPU nodes, the Kubeflow training-operator) and stops it at the end
-(`e2e/cluster/down`). With KUBETUNE_REUSE_CLUSTER=1 a cluster that is already up is used
-as it is and left running afterwards.
+kube-scheduler, KWOK fake GPU nodes, the Kubeflow training-operator) in a state folder and on
+ports of its own, and stops it at the end (`e2e/cluster/down`); another run's cluster on the
+same machine is left alone. With KUBETUNE_REUSE_CLUSTER=1 the cluster in e2e/cluster/up's
+default folder is used (started if it is not up) and left running afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import json
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.request
@@ -32,8 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPTS = REPO / "e2e" / "cluster"
 
+CHART = REPO / "helm" / "kubetune"
+
 # Pods run on KWOK's fake nodes only if they tolerate the nodes' taint.
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+KSERVE = "github.com/kserve/kserve@v0.15.2"
 
 T = TypeVar("T")
 
@@ -48,6 +53,32 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60, inte
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's choice), for a local server of one test run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def go_module_dir(module: str) -> Path:
+    """The folder of a Go module (`path@version`) in Go's module cache, downloaded through the
+    module proxy when it is not there yet. A failure fails the test: a module the tests need is
+    part of the test, and a network blip must not turn into a silent skip."""
+    proc = subprocess.run(["go", "mod", "download", "-json", module], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env={**os.environ, "GOFLAGS": "-mod=mod"})
+    info = json.loads(proc.stdout or "{}")
+    if "Dir" not in info:
+        pytest.fail(f"go mod download {module}: {info.get('Error') or proc.stderr}")
+    return Path(info["Dir"])
+
+
+def kserve_crd() -> Path:
+    """KServe's InferenceService CRD, from KServe's Go module."""
+    path = go_module_dir(KSERVE) / "config" / "crd" / "full" / "serving.kserve.io_inferenceservices.yaml"
+    assert path.is_file(), f"{KSERVE} has no {path.name}"
+    return path
 
 
 @dataclass(frozen=True)
@@ -108,9 +139,9 @@ class Cluster:
         return client.ApiClient(cfg)
 
 
-def _script(name: str, *args: str, capture: bool = False) -> str:
+def _script(name: str, *args: str, capture: bool = False, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
-        [str(CLUSTER_SCRIPTS / name), *args], text=True,
+        [str(CLUSTER_SCRIPTS / name), *args], text=True, env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE if capture else None,
     )
     if proc.returncode != 0:
@@ -118,22 +149,38 @@ def _script(name: str, *args: str, capture: bool = False) -> str:
     return proc.stdout or ""
 
 
+# The ports e2e/cluster/up listens on, each set by KUBETUNE_<name>.
+CLUSTER_PORTS = ("ETCD_PORT", "ETCD_PEER_PORT", "APISERVER_PORT", "KCM_PORT", "SCHEDULER_PORT", "KWOK_PORT",
+                 "TO_METRICS_PORT", "TO_PROBE_PORT", "TO_WEBHOOK_PORT")
+
+
+def own_cluster_env(state_dir: Path) -> dict[str, str]:
+    """A cluster of this run alone: its own state folder and free ports, so that it neither
+    finds nor stops the cluster of another run on the same machine."""
+    ports: set[int] = set()
+    while len(ports) < len(CLUSTER_PORTS):
+        ports.add(free_port())
+    env = {f"KUBETUNE_{name}": str(port) for name, port in zip(CLUSTER_PORTS, sorted(ports), strict=True)}
+    return {**env, "KUBETUNE_CLUSTER_DIR": str(state_dir)}
+
+
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    """The local cluster, started once per session (built first, from cache when it can)."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The local cluster, started once per session (built first, from cache when it can), in a
+    state folder of its own; stopped at the end. With KUBETUNE_REUSE_CLUSTER=1, the cluster in
+    the default folder is used (started if it is not up) and left running."""
     reuse = os.environ.get("KUBETUNE_REUSE_CLUSTER") == "1"
     _script("build")
     bin_dir = Path(_script("build", "--print-bin-dir", capture=True).strip())
-    if not reuse:
-        _script("down")
-    last_line = _script("up", capture=True).strip().splitlines()[-1]
-    assert last_line.startswith("export KUBECONFIG="), last_line
-    kubeconfig = Path(last_line.removeprefix("export KUBECONFIG="))
+    env = {} if reuse else own_cluster_env(tmp_path_factory.mktemp("cluster"))
     try:
+        last_line = _script("up", capture=True, env=env).strip().splitlines()[-1]
+        assert last_line.startswith("export KUBECONFIG="), last_line
+        kubeconfig = Path(last_line.removeprefix("export KUBECONFIG="))
         yield Cluster(kubeconfig=kubeconfig, bin_dir=bin_dir, state_dir=kubeconfig.parent)
     finally:
         if not reuse:
-            _script("down")
+            _script("down", env=env)
 
 
 @pytest.fixture(scope="session")

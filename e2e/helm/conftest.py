@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +30,15 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, healthy, wait_for
+from e2e.conftest import (
+    CHART, KWOK_TOLERATION, Cluster, free_port, fresh_namespace, go_module_dir, healthy, kserve_crd, wait_for,
+)
 
-CHART = REPO / "helm" / "kubetune"
 PROMETHEUS_SH = Path(__file__).parent / "prometheus.sh"
 VENV_BIN = Path(sys.executable).parent
 RELEASE, RELEASE_NS = "kubetune", "kubetune-system"
 SERVICE_ACCOUNT = "kubetune"  # the chart's default for release "kubetune"
 PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
-KSERVE = "github.com/kserve/kserve@v0.15.2"
 FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
 
 # The values e2e installs the chart with: everything on, the validation pods allowed onto KWOK's nodes.
@@ -53,21 +53,6 @@ VALUES: dict[str, Any] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def go_module_dir(module: str) -> Path:
-    proc = subprocess.run(["go", "mod", "download", "-json", module], capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env={**os.environ, "GOFLAGS": "-mod=mod"})
-    info = json.loads(proc.stdout or "{}")
-    if "Dir" not in info:
-        pytest.fail(f"go mod download {module}: {info.get('Error') or proc.stderr}")
-    return Path(info["Dir"])
-
-
 # --- the release --------------------------------------------------------------------------
 
 
@@ -78,6 +63,7 @@ class Release:
     name: str
     namespace: str
     manifest: list[dict[str, Any]]
+    values: Path  # the values file it was installed with
 
     def find(self, kind: str) -> dict[str, Any]:
         (doc,) = [d for d in self.manifest if d["kind"] == kind]
@@ -105,8 +91,35 @@ def monitoring_crds(cluster: Cluster) -> None:
     publishing runs its whole path."""
     folder = go_module_dir(PROMETHEUS_OPERATOR) / "example" / "prometheus-operator-crd"
     files = [folder / f"monitoring.coreos.com_{p}.yaml" for p in ("servicemonitors", "podmonitors", "prometheusrules")]
-    files.append(go_module_dir(KSERVE) / "config" / "crd" / "full" / "serving.kserve.io_inferenceservices.yaml")
-    cluster.apply_crds(*files)
+    cluster.apply_crds(*files, kserve_crd())
+
+
+def adopt_crds(cluster: Cluster, values: Path) -> None:
+    """Hand the chart's CRDs that already exist (other e2e tests apply crds/ with kubectl) to the
+    release the way Helm documents for adopting objects: its managed-by label and its release
+    annotations. Without this `helm install` refuses them, and these tests would pass only when
+    they run before every other e2e test."""
+    rendered = helm(cluster, "template", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--values", str(values),
+                    "--show-only", "templates/crds.yaml").stdout
+    names = [d["metadata"]["name"] for d in yaml.safe_load_all(rendered) if d and d["kind"] == "CustomResourceDefinition"]
+    existing = [f"crd/{n}" for n in names if cluster.kubectl("get", "crd", n, check=False).returncode == 0]
+    if existing:
+        cluster.kubectl("label", "--overwrite", *existing, "app.kubernetes.io/managed-by=Helm")
+        cluster.kubectl("annotate", "--overwrite", *existing, f"meta.helm.sh/release-name={RELEASE}",
+                        f"meta.helm.sh/release-namespace={RELEASE_NS}")
+
+
+def install(cluster: Cluster, values: Path) -> Release:
+    """`helm upgrade --install` of the session's release; its manifest once its CRDs are Established."""
+    adopt_crds(cluster, values)
+    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NS,
+         "--values", str(values), "--timeout", "120s")
+    manifest = helm(cluster, "get", "manifest", RELEASE, "--namespace", RELEASE_NS).stdout
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    crds = [f"crd/{d['metadata']['name']}" for d in docs if d["kind"] == "CustomResourceDefinition"]
+    wait_for("the chart's CRDs to be Established", lambda: cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=10s", *crds, check=False).returncode == 0, timeout=60)
+    return Release(RELEASE, RELEASE_NS, docs, values)
 
 
 @pytest.fixture(scope="session")
@@ -118,14 +131,7 @@ def release(cluster: Cluster, monitoring_crds: None, tmp_path_factory: pytest.Te
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": RELEASE_NS, "labels": {"pod-security.kubernetes.io/enforce": "restricted",
                                        "pod-security.kubernetes.io/enforce-version": "latest"}}}))
-    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NS,
-         "--values", str(values), "--timeout", "120s")
-    manifest = helm(cluster, "get", "manifest", RELEASE, "--namespace", RELEASE_NS).stdout
-    docs = [d for d in yaml.safe_load_all(manifest) if d]
-    crds = [f"crd/{d['metadata']['name']}" for d in docs if d["kind"] == "CustomResourceDefinition"]
-    wait_for("the chart's CRDs to be Established", lambda: cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=10s", *crds, check=False).returncode == 0, timeout=60)
-    return Release(RELEASE, RELEASE_NS, docs)
+    return install(cluster, values)
 
 
 # --- the operator, as the chart's ServiceAccount ---------------------------------------------
@@ -192,8 +198,10 @@ class ChartOperator:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator(cluster: Cluster, release: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChartOperator]:
+    """The chart's operator, for the tests of this package only: it watches every namespace, so
+    it must not outlive them and act beside the operator of the other e2e tests."""
     work = tmp_path_factory.mktemp("chart-operator")
     kubeconfig = token_kubeconfig(cluster, RELEASE_NS, SERVICE_ACCOUNT, work / "sa.kubeconfig")
     op = ChartOperator(release.operator_args, kubeconfig, work / "operator.log")
@@ -236,18 +244,18 @@ def run_pipeline(cluster: Cluster, namespace: str, name: str, timeout: int = 180
     return json.loads(cluster.kubectl("get", "ftj", name, "-n", namespace, "-o", "json").stdout)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def restricted_namespace(admin_api: client.ApiClient) -> Iterator[str]:
     """A namespace whose pods must meet PodSecurity `restricted`, for the session's pipelines."""
-    with fresh_namespace(admin_api, f"helm-e2e-{int(time.time()) % 100000}", pod_security="restricted") as name:
+    with fresh_namespace(admin_api, f"helm-e2e-{uuid.uuid4().hex[:6]}", pod_security="restricted") as name:
         yield name
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def first_pipeline(cluster: Cluster, operator: ChartOperator, restricted_namespace: str,
                    prometheus: Prometheus) -> dict[str, Any]:
-    """pretrain -> sft -> dpo, run by the operator as the chart's ServiceAccount (once per session,
-    while Prometheus watches)."""
+    """pretrain -> sft -> dpo, run by the operator as the chart's ServiceAccount (once per package
+    run, while Prometheus watches)."""
     return run_pipeline(cluster, restricted_namespace, "pipe-a")
 
 
@@ -330,7 +338,7 @@ TRAINER_TARGET = {"namespace": "team-a", "pod": "metrics-probe-pretrain-master-0
                   "endpoint": "metrics"}  # the target labels prometheus-operator gives a PodMonitor's pods
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def prometheus(release: Release, operator: ChartOperator, prometheus_binary: None,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """Debian's Prometheus scraping the chart's operator and trainer targets every second, with

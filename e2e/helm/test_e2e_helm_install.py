@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from e2e.conftest import Cluster
+from e2e.conftest import CHART, Cluster
 from e2e.helm.conftest import RELEASE, RELEASE_NS, Release, helm
 
 
@@ -36,7 +36,7 @@ def test_helm_upgrade_upgrades_the_crds_in_place(cluster: Cluster, release: Rele
     """The CRDs are templates: an upgrade applies them again (Helm's crds/ folder never would)."""
     before = json.loads(helm(cluster, "status", RELEASE, "--namespace", RELEASE_NS, "--output", "json").stdout)
 
-    helm(cluster, "upgrade", RELEASE, "helm/kubetune", "--namespace", RELEASE_NS, "--reuse-values",
+    helm(cluster, "upgrade", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--reuse-values",
          "--set", "commonLabels.upgraded=yes")
 
     after = json.loads(helm(cluster, "status", RELEASE, "--namespace", RELEASE_NS, "--output", "json").stdout)

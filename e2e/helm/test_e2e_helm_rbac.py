@@ -10,8 +10,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.conftest import Cluster, wait_for
-from e2e.helm.conftest import CHART, RELEASE_NS, SERVICE_ACCOUNT, ChartOperator, Release, helm
+from e2e.conftest import CHART, Cluster, wait_for
+from e2e.helm.conftest import RELEASE_NS, SERVICE_ACCOUNT, ChartOperator, Release, helm
 
 CRD = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
        "metadata": {"name": "widgets.example.com"},
@@ -100,11 +100,13 @@ def test_the_service_account_may_do_its_job(as_operator: client.ApiClient, restr
 
 
 def test_the_api_server_refuses_what_the_chart_does_not_grant(
-    as_operator: client.ApiClient, restricted_namespace: str, release: Release, admin_api: client.ApiClient
+    as_operator: client.ApiClient, restricted_namespace: str, release: Release, admin_api: client.ApiClient,
+    first_pipeline: dict[str, Any],
 ) -> None:
     core, rbac = client.CoreV1Api(as_operator), client.RbacAuthorizationV1Api(as_operator)
     ext, custom = client.ApiextensionsV1Api(as_operator), client.CustomObjectsApi(as_operator)
-    pod = client.CoreV1Api(admin_api).list_namespaced_pod(restricted_namespace).items[0].metadata.name
+    (pod, *_) = [p.metadata.name for p in client.CoreV1Api(admin_api).list_namespaced_pod(
+        restricted_namespace, label_selector="kubetune.io/finetunejob=pipe-a").items]
     cluster_role = next(d for d in release.manifest if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator"))
     refused = {
         "read a Secret in kube-system": lambda: core.list_namespaced_secret("kube-system"),

@@ -5,20 +5,28 @@ process, bound PVCs, and a stand-in for the kubelet.
 
 KWOK plays pods without running them. Where a test needs a pod to really run (the
 PreferenceDataset validator, a training stage), `Kubelet` below does what the kubelet would:
-it runs the pod's container command as a local process with the pod's environment (volumes
-mapped to local folders, the master's address to 127.0.0.1) and writes the outcome into the
-pod's status (containerStatuses[].state.terminated with exit code and termination message,
-phase Succeeded or Failed). Everything else (Jobs, the training-operator, the operator) reacts
-to that status as it would on a real cluster.
+it runs the pod's container command as a local process with the pod's environment (`env`
+values, `valueFrom` Secret and ConfigMap keys and pod fields, `envFrom` Secrets and
+ConfigMaps; volumes mapped to local folders, the master's address to 127.0.0.1), with a
+read-only root filesystem when the container asks for one (a private mount namespace in which
+everything but the pod's writable volumes is remounted read-only; read-only volumes and
+ConfigMaps stay read-only), and writes the outcome into the pod's status
+(containerStatuses[].state.terminated with exit code and termination message, phase Succeeded
+or Failed). Everything else (Jobs, the training-operator, the operator) reacts to that status
+as it would on a real cluster.
+
+What the stand-in does not reproduce: the image (the command runs from this checkout's
+virtualenv), the user and group, dropped capabilities and seccomp of the securityContext,
+resource limits, `$(VAR)` expansion, and the pod network (ports are this machine's).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import shutil
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,11 +42,11 @@ import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.conftest import KWOK_TOLERATION, REPO, Cluster, fresh_namespace, healthy, wait_for
+from e2e.conftest import (
+    CHART, KWOK_TOLERATION, REPO, Cluster, free_port, fresh_namespace, healthy, kserve_crd, wait_for,
+)
 
 VENV_BIN = Path(sys.executable).parent
-KSERVE_MODULE = "github.com/kserve/kserve@v0.15.2"
-ISVC_CRD = "config/crd/full/serving.kserve.io_inferenceservices.yaml"
 FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
 PREFDS = ("kubetune.io", "v1alpha1", "preferencedatasets")
 ADAPTERS = ("kubetune.io", "v1alpha1", "modeladapters")
@@ -48,60 +56,55 @@ ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
 HOLD = {"kwok.kubetune.io/delay": "30m"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def kserve_crd() -> Path | None:
-    """The InferenceService CRD from the kserve Go module (the module proxy or cache has it)."""
-    if not shutil.which("go"):
-        return None
-    proc = subprocess.run(["go", "mod", "download", "-json", KSERVE_MODULE], capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        return None
-    path = Path(json.loads(proc.stdout)["Dir"]) / ISVC_CRD
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="session")
-def operator_crds(cluster: Cluster) -> bool:
-    """kubetune's CRDs (crds/), kopf's peering CRDs and, when available, KServe's
-    InferenceService CRD, installed and Established. True when KServe's is there."""
-    files = [*sorted((REPO / "crds").glob("*.yaml")), Path(__file__).parent / "peering-crds.yaml"]
-    isvc = kserve_crd()
-    if isvc:
-        files.append(isvc)
-    args = [f"--filename={f}" for f in files]
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", *args)
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *args)
-    return isvc is not None
+def operator_crds(cluster: Cluster) -> None:
+    """kubetune's CRDs (crds/), kopf's peering CRDs and KServe's InferenceService CRD (from its Go
+    module: publishing is part of what these tests prove), installed and Established."""
+    files = [*sorted((REPO / "crds").glob("*.yaml")), Path(__file__).parent / "peering-crds.yaml", kserve_crd()]
+    cluster.apply_crds(*files)
 
 
 # --- the operator process -----------------------------------------------------------------
 
-OPERATOR_NAMESPACE = "kubetune-system"
+# The operator's identity and rights are the Helm chart's own, rendered by `helm template` as a
+# release of this name would install them: every e2e test runs under the chart's least privilege,
+# and a right the chart lacks fails them.
+OPERATOR_RELEASE, OPERATOR_NAMESPACE, PEERING = "kubetune-e2e", "kubetune-e2e-system", "kubetune-e2e"
+CHART_RBAC = ("templates/serviceaccount.yaml", "templates/rbac.yaml")
+CHART_VALUES: dict[str, Any] = {
+    "operator": {"peering": {"name": PEERING}},  # the peering the operators below join
+    "rbac": {"aggregateToDefaultRoles": False},  # people's roles, not the operator's
+}
+
+
+def chart_rbac(cluster: Cluster, values_file: Path) -> list[dict[str, Any]]:
+    """The operator's ServiceAccount, (Cluster)Roles and bindings as the chart renders them."""
+    values_file.write_text(yaml.safe_dump(CHART_VALUES))
+    shown = [a for t in CHART_RBAC for a in ("--show-only", t)]
+    proc = subprocess.run([str(cluster.bin_dir / "helm"), "template", OPERATOR_RELEASE, str(CHART),
+                           "--namespace", OPERATOR_NAMESPACE, "--values", str(values_file), *shown],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"helm template of the chart's RBAC failed: {proc.stderr}")
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 @pytest.fixture(scope="session")
-def operator_kubeconfig(cluster: Cluster, admin_api: client.ApiClient, operator_crds: bool,
+def operator_kubeconfig(cluster: Cluster, admin_api: client.ApiClient, operator_crds: None,
                         tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A kubeconfig for ServiceAccount kubetune-system/kubetune-operator, bound to the ClusterRole in
-    operator-rbac.yaml only: the operator gets no right the Helm chart would not give it."""
-    core = client.CoreV1Api(admin_api)
-    cluster.kubectl("apply", "-f", str(Path(__file__).parent / "operator-rbac.yaml"))
-    if not core.list_namespace(field_selector=f"metadata.name={OPERATOR_NAMESPACE}").items:
-        core.create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
-    if not core.list_namespaced_service_account(OPERATOR_NAMESPACE, field_selector="metadata.name=kubetune-operator").items:
-        core.create_namespaced_service_account(OPERATOR_NAMESPACE, {"metadata": {"name": "kubetune-operator"}})
-    binding = cluster.kubectl("create", "clusterrolebinding", "kubetune-operator", "--clusterrole=kubetune-operator",
-                              f"--serviceaccount={OPERATOR_NAMESPACE}:kubetune-operator", "--dry-run=client",
-                              "-o", "yaml").stdout
-    cluster.kubectl("apply", "-f", "-", input=binding)
-    token = core.create_namespaced_service_account_token("kubetune-operator", OPERATOR_NAMESPACE, client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600))).status.token
-    path = tmp_path_factory.mktemp("operator-auth") / "kubeconfig"
+    """A kubeconfig holding a token of the chart's ServiceAccount (release kubetune-e2e), bound
+    to the chart's ClusterRole and nothing else."""
+    work = tmp_path_factory.mktemp("operator-auth")
+    docs = chart_rbac(cluster, work / "values.yaml")
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}, docs
+    (account,) = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
+                                                              "metadata": {"name": OPERATOR_NAMESPACE}}))
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    token = client.CoreV1Api(admin_api).create_namespaced_service_account_token(
+        account, OPERATOR_NAMESPACE, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600))).status.token
+    path = work / "kubeconfig"
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "operator",
         "clusters": [{"name": "e2e", "cluster": {"server": admin_api.configuration.host,
@@ -109,8 +112,8 @@ def operator_kubeconfig(cluster: Cluster, admin_api: client.ApiClient, operator_
         "users": [{"name": "operator", "user": {"token": token}}],
         "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
     }))
+    path.chmod(0o600)
     return path
-
 
 
 @dataclass
@@ -122,6 +125,8 @@ class Operator:
     log_dir: Path
     metrics_port: int = field(default_factory=free_port)
     liveness_port: int = field(default_factory=free_port)
+    # where the trainer pods serve their metrics: the stand-in kubelet runs them on this machine
+    trainer_metrics_port: int = field(default_factory=free_port)
     priority: int = 100
     identity: str = "kubetune-e2e-operator"
     proc: subprocess.Popen[bytes] | None = None
@@ -136,9 +141,10 @@ class Operator:
         self.starts += 1
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_ID": self.identity,
                "PYTHONUNBUFFERED": "1"}
-        args = [str(VENV_BIN / "kubetune"), "operator", "--all-namespaces", "--peering", "kubetune-e2e",
+        args = [str(VENV_BIN / "kubetune"), "operator", "--all-namespaces", "--peering", PEERING,
                 "--priority", str(self.priority), "--peering-lifetime", "10",
                 "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
+                "--trainer-metrics-port", str(self.trainer_metrics_port),
                 "--trainer-image", "ghcr.io/kubetune/trainer:e2e", "--image-pull-policy", "Never",
                 "--validation-toleration", "kwok.x-k8s.io/node:NoSchedule", "--progress-interval", "1"]
         with self.log.open("ab") as out:
@@ -179,9 +185,11 @@ class Operator:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator(cluster: Cluster, operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """One `kubetune operator --all-namespaces` for the session (tests that kill it restart it)."""
+    """One `kubetune operator --all-namespaces` for the tests of this package (tests that kill it
+    restart it); stopped when they are done, so it never acts beside the Helm tests' operator.
+    A request the chart's RBAC refused, anywhere in its log, fails the run."""
     op = Operator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator"))
     op.start()
     try:
@@ -189,6 +197,8 @@ def operator(cluster: Cluster, operator_kubeconfig: Path, tmp_path_factory: pyte
     finally:
         op.stop()
         print(f"operator log: {op.log}")
+    refused = [line for line in op.log.read_text(errors="replace").splitlines() if "is forbidden: User" in line]
+    assert not refused, f"the chart's RBAC refused the operator:\n{refused[0]}"
 
 
 @pytest.fixture
@@ -210,7 +220,7 @@ class Workspace:
 
 
 @pytest.fixture(scope="module")
-def workspace(admin_api: client.ApiClient, operator_crds: bool, tmp_path_factory: pytest.TempPathFactory,
+def workspace(admin_api: client.ApiClient, operator_crds: None, tmp_path_factory: pytest.TempPathFactory,
               request: pytest.FixtureRequest) -> Iterator[Workspace]:
     """One per test module: binding a claim takes the PV controller a resync period (~15 s).
     A module may lower the PodSecurity level with a module-level POD_SECURITY."""
@@ -318,6 +328,33 @@ def pod_annotations(annotations: dict[str, str], stage_name: str | None = None) 
 
 # --- the stand-in for the kubelet ---------------------------------------------------------
 
+# Runs inside a private mount namespace (unshare): bind the pod's volumes onto themselves, the
+# read-only ones read-only; with a read-only root, remount every other mount of this machine
+# (but /proc, /sys, /dev) read-only too; then exec the container's command.
+# argv: json [writable, read_only, read_only_root], command...
+_MOUNTS = """
+import json, os, subprocess, sys
+writable, read_only, read_only_root = json.loads(sys.argv[1])
+def mount(*args):
+    subprocess.run(["mount", *args], check=True)
+for path in writable + read_only:
+    mount("--bind", path, path)
+for path in read_only:
+    mount("-o", "remount,bind,ro", path)
+targets = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], check=True, capture_output=True, text=True).stdout
+for target in dict.fromkeys(targets.split()) if read_only_root else ():
+    if target not in writable + read_only and not target.startswith(("/proc", "/sys", "/dev")):
+        mount("-o", "remount,bind,ro", target)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def in_mount_namespace(command: list[str], writable: list[Path], read_only: list[Path], read_only_root: bool) -> list[str]:
+    """`command` with the pod's filesystem view: `read_only` paths may only be read and, with
+    `read_only_root`, nothing but the `writable` paths may be written."""
+    paths = json.dumps([sorted({str(p) for p in writable}), sorted({str(p) for p in read_only}), read_only_root])
+    return ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _MOUNTS, paths, *command]
+
 
 @dataclass
 class Kubelet:
@@ -327,6 +364,9 @@ class Kubelet:
     pvc_root: Path
     work: Path
     procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path, bool]] = field(default_factory=dict)
+    # The pods' node-local ports on this machine: each rendezvous port a PyTorchJob's pods name
+    # (the same in every job) maps to a free port here, so runs side by side do not collide.
+    ports: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     def start(self, namespace: str, name: str, *, pod_ip: str | None = None) -> None:
         """Start the pod's (single) container as a local process; optionally give the pod this IP."""
@@ -335,7 +375,7 @@ class Kubelet:
         (container,) = pod["spec"]["containers"]
         root = self.work / name
         root.mkdir(parents=True, exist_ok=True)
-        mounts = self._mounts(namespace, pod, container, root)
+        mounts, read_only = self._mounts(namespace, pod, container, root)
         termination_log = root / "termination-log"
         mounts[container.get("terminationMessagePath", "/dev/termination-log")] = termination_log
         fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
@@ -347,14 +387,24 @@ class Kubelet:
             return value
 
         env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "HOME": str(root), "LANG": "C.UTF-8",
-               "HF_HUB_OFFLINE": "1", "KUBETUNE_CACHE": str(root / "cache")}
+               "HF_HUB_OFFLINE": "1", "KUBETUNE_CACHE": str(root / "cache"),
+               **self._env_from(namespace, container)}
         masters = {e["value"] for e in container.get("env") or [] if e["name"] in ("MASTER_ADDR", "PET_MASTER_ADDR")}
         for e in container.get("env") or []:
             if "value" in e:
                 value = "127.0.0.1" if e["value"] in masters else local(e["value"])
+                if e["name"] in ("MASTER_PORT", "PET_MASTER_PORT"):
+                    value = self.ports.setdefault((namespace, ",".join(sorted(masters)), e["value"]), str(free_port()))
+                env[e["name"]] = value
+            elif "valueFrom" in e and (value := self._value_from(namespace, pod, e)) is not None:
                 env[e["name"]] = value
         env["KUBETUNE_PVC_ROOT"] = str(self.pvc_root)
         command = [sys.executable if c == "python" else local(c) for c in container["command"] + container.get("args", [])]
+        termination_log.touch()
+        command = in_mount_namespace(
+            command, writable=[p for p, ro in read_only.items() if not ro] + [termination_log],
+            read_only=[p for p, ro in read_only.items() if ro],
+            read_only_root=bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem")))
         log = root / "log.txt"
         with log.open("wb") as out:
             proc = subprocess.Popen(command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
@@ -365,9 +415,12 @@ class Kubelet:
                 {"op": "replace", "path": "/status/podIPs", "value": [{"ip": pod_ip}]},
             ])
 
-    def _mounts(self, namespace: str, pod: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, Path]:
+    def _mounts(self, namespace: str, pod: dict[str, Any], container: dict[str, Any],
+                root: Path) -> tuple[dict[str, Path], dict[Path, bool]]:
+        """(mount path -> local folder, local folder -> whether the pod may only read it)."""
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         out: dict[str, Path] = {}
+        read_only: dict[Path, bool] = {}
         for m in container.get("volumeMounts") or []:
             v = volumes.get(m["name"], {})
             if "configMap" in v:
@@ -376,13 +429,60 @@ class Kubelet:
                 folder.mkdir(parents=True, exist_ok=True)
                 for key, text in (cm.data or {}).items():
                     (folder / key).write_text(text)
-                out[m["mountPath"]] = folder
+                out[m["mountPath"]], read_only[folder] = folder, True  # the kubelet mounts ConfigMaps read-only
             elif "persistentVolumeClaim" in v:
-                out[m["mountPath"]] = self.pvc_root / v["persistentVolumeClaim"]["claimName"]
+                folder = self.pvc_root / v["persistentVolumeClaim"]["claimName"]
+                ro = bool(m.get("readOnly") or v["persistentVolumeClaim"].get("readOnly"))
+                out[m["mountPath"]], read_only[folder] = folder, read_only.get(folder, True) and ro
             elif "emptyDir" in v and m["mountPath"] != "/dev/shm":
-                (root / "volumes" / m["name"]).mkdir(parents=True, exist_ok=True)
-                out[m["mountPath"]] = root / "volumes" / m["name"]
+                folder = root / "volumes" / m["name"]
+                folder.mkdir(parents=True, exist_ok=True)
+                out[m["mountPath"]], read_only[folder] = folder, bool(m.get("readOnly"))
+        return out, read_only
+
+    def _env_from(self, namespace: str, container: dict[str, Any]) -> dict[str, str]:
+        """The variables of the container's envFrom Secrets and ConfigMaps (a missing one that is
+        not optional stops the container, as the kubelet's CreateContainerConfigError would)."""
+        out: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            kind = "secretRef" if "secretRef" in source else "configMapRef"
+            ref = source[kind]
+            data = self._data(namespace, kind, ref["name"])
+            if data is None and not ref.get("optional"):
+                pytest.fail(f"envFrom {kind} {namespace}/{ref['name']} does not exist")
+            out.update({source.get("prefix", "") + k: v for k, v in (data or {}).items()})
         return out
+
+    def _value_from(self, namespace: str, pod: dict[str, Any], var: dict[str, Any]) -> str | None:
+        """An env variable's valueFrom: a Secret's or ConfigMap's key, or a field of the pod."""
+        source = var["valueFrom"]
+        for kind in ("secretKeyRef", "configMapKeyRef"):
+            if kind in source:
+                ref = source[kind]
+                value = (self._data(namespace, kind, ref["name"]) or {}).get(ref["key"])
+                if value is None and not ref.get("optional"):
+                    pytest.fail(f"env {var['name']}: {kind} {namespace}/{ref['name']} has no key {ref['key']}")
+                return value
+        if "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            if m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
+                return str((pod["metadata"].get(m.group(1)) or {}).get(m.group(2), ""))
+            section, _, key = path.partition(".")
+            return str((pod.get(section) or {}).get(key, ""))
+        pytest.fail(f"env {var['name']}: the stand-in kubelet does not reproduce valueFrom {sorted(source)}")
+
+    def _data(self, namespace: str, kind: str, name: str) -> dict[str, str] | None:
+        """A Secret's (decoded) or ConfigMap's data, None when it does not exist."""
+        core = client.CoreV1Api(self.api)
+        try:
+            if kind.startswith("secret"):
+                secret = core.read_namespaced_secret(name, namespace)
+                return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+            return dict(core.read_namespaced_config_map(name, namespace).data or {})
+        except client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
 
     def wait(self, namespace: str, name: str, timeout: float = 600) -> int:
         """Wait for the pod's process and write its end into the pod's status; its exit code."""

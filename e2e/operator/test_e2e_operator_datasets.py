@@ -94,9 +94,12 @@ def test_a_bad_row_makes_the_dataset_invalid_with_its_line_and_the_job_reading_i
     assert any(e.reason == "Invalid" for e in events(admin_api, ns, "bad", kind="PreferenceDataset"))
 
 
-def test_a_good_dataset_becomes_ready_and_the_job_reading_it_trains_on_it(
+def test_a_good_dataset_becomes_ready_and_the_job_reading_it_is_given_it(
     cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, workspace: Workspace, kubelet: Kubelet
 ) -> None:
+    """The job waits for the data set, then its stage's StageRun names the validated file with the
+    held-out fraction the data set declared. (KWOK plays the stage's pods, so nothing trains here;
+    e2e/operator/test_e2e_operator_execute.py is where rendered pods train for real.)"""
     ns = workspace.namespace
     checksum = write_rows(workspace.pvc_root / "data" / "good.jsonl", ROWS)
     apply(cluster, preference_dataset("good", "pvc://data/good.jsonl"), dpo_job("reads-good", "good"), namespace=ns)

@@ -14,13 +14,15 @@ reports the node-local address) and shows the trainer's progress in the job's st
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import subprocess
 import sys
-import time
+import threading
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from e2e.conftest import Cluster, wait_for
@@ -38,7 +40,9 @@ from e2e.operator.conftest import (
     stage,
 )
 
-MAX_STEPS = 20
+# Long enough (a few seconds) for the operator, which reads the trainer's gauges every second
+# (--progress-interval 1), to show progress while the pods run.
+MAX_STEPS = 100
 # The training-operator adds an `init-pytorch` container (it waits for the master's DNS name) to
 # worker pods; the local cluster starts it with e2e/cluster/pytorch-init-container.yaml, whose
 # securityContext PodSecurity "restricted" admits, so multi-node stages run there too.
@@ -50,7 +54,7 @@ def tiny_pretraining() -> dict[str, Any]:
         "pretrain", "pretrain", "pvc://data/tiny/pretrain/train.jsonl", "text",
         resources={"nodes": 2, "gpusPerNode": 0},
         hyperparameters={"maxSteps": MAX_STEPS, "batchSize": 8, "maxLength": 64, "learningRate": 3.0e-3,
-                         "loggingSteps": 1, "saveSteps": 6, "packing": True},
+                         "loggingSteps": 1, "saveSteps": 50, "packing": True},
     )], annotations=pod_annotations(HOLD))
     body["spec"]["model"] = {"init": {"architecture": "llama", "hiddenSize": 64, "numLayers": 2, "numHeads": 4,
                                       "maxPositionEmbeddings": 128, "tokenizer": {"train": {"vocabSize": 400}}}}
@@ -75,15 +79,19 @@ def test_the_pods_of_a_rendered_stage_train_and_the_job_succeeds(
 
     kubelet.start(ns, pods[0], pod_ip="127.0.0.1")
     kubelet.start(ns, pods[1])
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 600
-    while any(p.poll() is None for p, *_ in kubelet.procs.values()) and time.monotonic() < deadline:
+
+    def progress_while_training() -> dict[str, Any] | None:
+        """The job's stage status with the trainer's step and loss, read while a pod still trains."""
         job = get(admin_api, FTJ, ns, "exec") or {}
         entry = ((job.get("status") or {}).get("stages") or [{}])[0]
-        if entry.get("totalSteps"):
-            seen.append({**entry, "progress": job["status"].get("progress")})
-        time.sleep(1)
-    codes = [kubelet.wait(ns, pod, timeout=60) for pod in pods]
+        if any(p.poll() is None for p, *_ in kubelet.procs.values()):
+            shown = entry.get("totalSteps") and "loss" in (entry.get("metrics") or {})
+            return {**entry, "progress": job["status"].get("progress")} if shown else None
+        pytest.fail("the pods finished before the job's status showed the trainer's progress")
+
+    seen = wait_for("the job's status to show the trainer's progress", progress_while_training, timeout=600,
+                    interval=0.2)
+    codes = [kubelet.wait(ns, pod, timeout=600) for pod in pods]
 
     assert codes == [0, 0], kubelet.log(ns, pods[0])[-3000:] + kubelet.log(ns, pods[1])[-3000:]
     cluster.kubectl("wait", "--for=condition=Succeeded", "-n", ns, "ftj/exec", "--timeout=60s", timeout=90)
@@ -94,10 +102,8 @@ def test_the_pods_of_a_rendered_stage_train_and_the_job_succeeds(
     assert metrics["globalStep"] == MAX_STEPS and math.isfinite(metrics["trainLoss"])
     assert json.loads((out / "progress.json").read_text())["state"] == "succeeded"
     # the operator showed the trainer's progress while it ran, from the trainer's own gauges
-    assert seen, "the job's status never showed the trainer's progress"
-    assert all(s["totalSteps"] == MAX_STEPS and 0 <= s["step"] <= MAX_STEPS for s in seen)
-    assert "loss" in seen[-1]["metrics"]
-    assert seen[-1]["progress"].startswith("0/1 pretrain ") and seen[-1]["progress"].endswith("%")
+    assert seen["totalSteps"] == MAX_STEPS and 0 <= seen["step"] <= MAX_STEPS
+    assert seen["progress"].startswith("0/1 pretrain ") and seen["progress"].endswith("%")
     job = get(admin_api, FTJ, ns, "exec")
     assert job is not None and job["status"]["stages"][0]["step"] == MAX_STEPS
 
@@ -126,3 +132,61 @@ def test_a_stage_that_fails_on_bad_data_fails_the_job_with_the_trainers_reason(
     assert message.startswith("Stage 1/1 pretrain failed: ")
     assert f"pod {pod} exited with code 1 (a permanent error" in message
     assert "line 2" in message, message
+
+
+class S3Witness(http.server.BaseHTTPRequestHandler):
+    """Stands where the storage Secret says S3 is: records each request and refuses it (403)."""
+
+    seen: list[tuple[str, str, str]] = []
+
+    def refuse(self) -> None:
+        self.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
+        body = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>refused by the witness</Message></Error>"
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = refuse
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_stage_reading_s3_gets_the_storage_secret_and_runs_with_a_read_only_root(
+    cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, workspace: Workspace, kubelet: Kubelet
+) -> None:
+    """The operator gives stages that read s3:// the storage Secret (envFrom); the trainer, run by
+    the stand-in kubelet with the pod's read-only root, signs its S3 requests with the Secret's key
+    at the Secret's endpoint. (A witness answers there and refuses, so the stage fails.)"""
+    ns = workspace.namespace
+    witness = http.server.ThreadingHTTPServer(("127.0.0.1", 0), S3Witness)
+    threading.Thread(target=witness.serve_forever, daemon=True).start()
+    client.CoreV1Api(admin_api).create_namespaced_secret(ns, {"metadata": {"name": "kubetune-storage"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": "AKIDKUBETUNEE2E", "AWS_SECRET_ACCESS_KEY": "not-a-secret", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{witness.server_port}"}})
+    body = tiny_pretraining()
+    body["metadata"]["name"] = "from-s3"
+    body["spec"]["output"]["uri"] = "pvc://models/from-s3"
+    body["spec"]["stages"][0]["dataset"] = {"uri": "s3://data-bucket/train.jsonl", "format": "text"}
+    body["spec"]["stages"][0]["resources"]["nodes"] = 1
+    apply(cluster, body, namespace=ns)
+    core = client.CoreV1Api(admin_api)
+    pod = "from-s3-pretrain-master-0"
+    wait_for(f"pod {pod} to run", lambda: any(p.metadata.name == pod and p.status.phase == "Running"
+                                              for p in core.list_namespaced_pod(ns).items), timeout=90)
+    container = core.read_namespaced_pod(pod, ns).spec.containers[0]
+    assert container.security_context.read_only_root_filesystem
+    assert [e.secret_ref.name for e in container.env_from] == ["kubetune-storage"]
+
+    kubelet.start(ns, pod)
+    code = kubelet.wait(ns, pod, timeout=300)
+    witness.shutdown()
+
+    assert code != 0
+    assert S3Witness.seen, kubelet.log(ns, pod)[-3000:]
+    method, path, authorization = S3Witness.seen[0]
+    assert path.startswith("/data-bucket") and "Credential=AKIDKUBETUNEE2E/" in authorization
+    cluster.kubectl("wait", "--for=condition=Failed", "-n", ns, "ftj/from-s3", "--timeout=60s", timeout=90)

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from kubernetes import client
 
 from e2e.conftest import Cluster, wait_for
 from e2e.operator.conftest import ADAPTERS, ISVC, Operator, apply, condition, get, items
 
 BASE = "hf://Qwen/Qwen2.5-0.5B"
-
-
-@pytest.fixture(autouse=True)
-def _kserve(operator_crds: bool) -> None:
-    if not operator_crds:
-        pytest.skip("KServe's InferenceService CRD is not available (no Go toolchain or module proxy)")
 
 
 def model_adapter(name: str, **spec: Any) -> dict[str, Any]:

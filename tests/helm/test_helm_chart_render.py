@@ -50,7 +50,7 @@ def test_kubeconform_refuses_a_misspelt_field(schemas: Path, tmp_path: Path) -> 
     """The schemas are strict: a typo anywhere (a built-in kind, a CRD-based kind) is an error."""
     text = template(ALL_ON, tmp=tmp_path).stdout
     bad = (text.replace("  revisionHistoryLimit: 5", "  revisionHistoryLimit: 5\n  replicsa: 3")
-               .replace("    honorLabels: true", "    honorLabels: true\n    honourLabels: true"))
+               .replace("  podMetricsEndpoints:\n  - port: metrics", "  podMetricsEndpoints:\n  - port: metrics\n    honourLabels: true"))
 
     code, problems = kubeconform(bad, schemas)
 

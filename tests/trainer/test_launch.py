@@ -45,11 +45,11 @@ def test_an_oom_wrapped_in_another_error_stays_retryable() -> None:
 
 
 def test_unimplemented_stage_type_is_refused_permanently(trainer: Trainer, tmp_path: Path) -> None:
-    run = trainer.stage_run("ppo", "ppo", "promptCompletion", "sft", model=tmp_path / "none")
+    run = trainer.stage_run("asr", "asr", "audioTranscript", "sft", model=tmp_path / "none")
     code, metrics = trainer.run(run)
     assert code == launch.EXIT_PERMANENT and metrics is None
     error = (Path(run["outputUri"]) / "error.txt").read_text()
-    assert "stage type ppo is not implemented yet" in error
+    assert "stage type asr is not implemented yet" in error
     assert json.loads((Path(run["outputUri"]) / "progress.json").read_text())["state"] == "failed"
 
 

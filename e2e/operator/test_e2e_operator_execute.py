@@ -108,21 +108,27 @@ def test_the_pods_of_a_rendered_stage_train_and_the_job_succeeds(
     assert job is not None and job["status"]["stages"][0]["step"] == MAX_STEPS
 
 
+def start_one_node_pretraining(cluster: Cluster, core: client.CoreV1Api, ns: str, name: str, data_uri: str) -> str:
+    """Apply a one-node tiny pretraining job reading `data_uri`; wait until its master pod runs; its name."""
+    body = tiny_pretraining()
+    body["metadata"]["name"] = name
+    body["spec"]["output"]["uri"] = f"pvc://models/{name}"
+    body["spec"]["stages"][0]["dataset"] = {"uri": data_uri, "format": "text"}
+    body["spec"]["stages"][0]["resources"]["nodes"] = 1
+    apply(cluster, body, namespace=ns)
+    pod = f"{name}-pretrain-master-0"
+    wait_for(f"pod {pod} to run", lambda: any(p.metadata.name == pod and p.status.phase == "Running"
+                                              for p in core.list_namespaced_pod(ns).items), timeout=90)
+    return pod
+
+
 def test_a_stage_that_fails_on_bad_data_fails_the_job_with_the_trainers_reason(
     cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, workspace: Workspace, kubelet: Kubelet
 ) -> None:
     ns, root = workspace.namespace, workspace.pvc_root
     (root / "data" / "broken.jsonl").write_text('{"text": "one"}\n{"txt": "two"}\n{"text": "three"}\n')
-    body = tiny_pretraining()
-    body["metadata"]["name"] = "bad-data"
-    body["spec"]["output"]["uri"] = "pvc://models/bad-data"
-    body["spec"]["stages"][0]["dataset"] = {"uri": "pvc://data/broken.jsonl", "format": "text"}
-    body["spec"]["stages"][0]["resources"]["nodes"] = 1
-    apply(cluster, body, namespace=ns)
     core = client.CoreV1Api(admin_api)
-    pod = "bad-data-pretrain-master-0"
-    wait_for(f"pod {pod} to run", lambda: any(p.metadata.name == pod and p.status.phase == "Running"
-                                              for p in core.list_namespaced_pod(ns).items), timeout=90)
+    pod = start_one_node_pretraining(cluster, core, ns, "bad-data", "pvc://data/broken.jsonl")
 
     kubelet.start(ns, pod)
     assert kubelet.wait(ns, pod, timeout=300) == 1
@@ -167,16 +173,8 @@ def test_a_stage_reading_s3_gets_the_storage_secret_and_runs_with_a_read_only_ro
     client.CoreV1Api(admin_api).create_namespaced_secret(ns, {"metadata": {"name": "kubetune-storage"}, "stringData": {
         "AWS_ACCESS_KEY_ID": "AKIDKUBETUNEE2E", "AWS_SECRET_ACCESS_KEY": "not-a-secret", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{witness.server_port}"}})
-    body = tiny_pretraining()
-    body["metadata"]["name"] = "from-s3"
-    body["spec"]["output"]["uri"] = "pvc://models/from-s3"
-    body["spec"]["stages"][0]["dataset"] = {"uri": "s3://data-bucket/train.jsonl", "format": "text"}
-    body["spec"]["stages"][0]["resources"]["nodes"] = 1
-    apply(cluster, body, namespace=ns)
     core = client.CoreV1Api(admin_api)
-    pod = "from-s3-pretrain-master-0"
-    wait_for(f"pod {pod} to run", lambda: any(p.metadata.name == pod and p.status.phase == "Running"
-                                              for p in core.list_namespaced_pod(ns).items), timeout=90)
+    pod = start_one_node_pretraining(cluster, core, ns, "from-s3", "s3://data-bucket/train.jsonl")
     container = core.read_namespaced_pod(pod, ns).spec.containers[0]
     assert container.security_context.read_only_root_filesystem
     assert [e.secret_ref.name for e in container.env_from] == ["kubetune-storage"]

@@ -230,13 +230,13 @@ def pairwise_accuracy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]
     """Share of held-out pairs whose chosen text scores above the rejected one; and the scores."""
     eos = tokenizer.eos_token or ""
     prompts = [prompt_text(tokenizer, r["prompt"]) for r in rows]
-    chosen = rewards(model, tokenizer, [p + _text(r["chosen"]) + eos for p, r in zip(prompts, rows, strict=True)])
-    rejected = rewards(model, tokenizer, [p + _text(r["rejected"]) + eos for p, r in zip(prompts, rows, strict=True)])
+    chosen = rewards(model, tokenizer, [p + completion_text(r["chosen"]) + eos for p, r in zip(prompts, rows, strict=True)])
+    rejected = rewards(model, tokenizer, [p + completion_text(r["rejected"]) + eos for p, r in zip(prompts, rows, strict=True)])
     acc = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(len(rows), 1)
     return acc, chosen, rejected
 
 
-def _text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """A completion as text: strings as is, an assistant message list as its contents."""
     if isinstance(completion, str):
         return completion
@@ -246,8 +246,8 @@ def _text(completion: Any) -> str:
 def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
     """log p(chosen | prompt) and log p(rejected | prompt) per held-out pair."""
     prompts = [prompt_text(tokenizer, r["prompt"]) for r in rows]
-    chosen = completion_logps(model, tokenizer, prompts, [_text(r["chosen"]) for r in rows])
-    rejected = completion_logps(model, tokenizer, prompts, [_text(r["rejected"]) for r in rows])
+    chosen = completion_logps(model, tokenizer, prompts, [completion_text(r["chosen"]) for r in rows])
+    rejected = completion_logps(model, tokenizer, prompts, [completion_text(r["rejected"]) for r in rows])
     return chosen, rejected
 
 

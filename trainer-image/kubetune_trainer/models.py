@@ -286,12 +286,17 @@ def load_model(run: StageRun, processing_class: Any, head: str | None = None, ur
 
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = cls.from_pretrained(path, **kwargs)
-    pad = getattr(processing_class, "pad_token_id", None)
-    if getattr(model.config, "pad_token_id", 0) is None and pad is not None:
-        model.config.pad_token_id = pad
+    _adopt_pad_token(model, processing_class)
     log.info("Loaded model uri=%s head=%s parameters=%d dtype=%s", uri, head or run.info.head,
              count_parameters(model), kwargs["dtype"])
     return model
+
+
+def _adopt_pad_token(model: Any, processing_class: Any) -> None:
+    """Give a model without a pad token its tokenizer's (sequence classifiers find the last token by it)."""
+    pad = getattr(processing_class, "pad_token_id", None)
+    if getattr(model.config, "pad_token_id", 0) is None and pad is not None:
+        model.config.pad_token_id = pad
 
 
 def load_scorer(run: StageRun, uri: str) -> tuple[Any, Any]:
@@ -305,8 +310,7 @@ def load_scorer(run: StageRun, uri: str) -> tuple[Any, Any]:
     spec = HEADS["reward"]
     model = spec.cls().from_pretrained(path, dtype=torch.float32, trust_remote_code=run.trust_remote_code,
                                        **dict(spec.kwargs))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    _adopt_pad_token(model, tokenizer)
     model.requires_grad_(False).eval()
     log.info("Loaded reward model uri=%s parameters=%d", uri, count_parameters(model))
     return model, tokenizer
@@ -384,9 +388,7 @@ def merge_adapter(run: StageRun, out: Path, processing_class: Any) -> Path:
     spec = head_of(run)
     path = str(storage.local_path(run.model_uri))
     base = spec.cls().from_pretrained(path, dtype="auto", trust_remote_code=run.trust_remote_code, **dict(spec.kwargs))
-    pad = getattr(processing_class, "pad_token_id", None)
-    if getattr(base.config, "pad_token_id", 0) is None and pad is not None:
-        base.config.pad_token_id = pad
+    _adopt_pad_token(base, processing_class)
     fit_embeddings(base, processing_class)
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     target = out / "merged"

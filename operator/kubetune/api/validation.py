@@ -147,10 +147,10 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
         info = registry.get(stage.type)
         if not info.implemented:
             out.append(Problem(f"{p}.type", registry.not_implemented_message(stage.type)))
-        block = getattr(stage, stage.type, None)
+        block = stage.settings(info.block) if info.block is not None else None  # defaults when left out
         has_reward_model = bool(getattr(block, "reward_model_uri", None)) or any(
             registry.get(s.type).head == "reward" for s in spec.stages[:i])
-        functions = getattr(block, "reward_functions", None) if block is not None else ["default"]
+        functions = getattr(block, "reward_functions", None)
         if info.reward == "model" and not has_reward_model:
             out.append(Problem(
                 f"{p}.{stage.type}.rewardModelUri",
@@ -167,7 +167,7 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
                 f" x {processes}) must be a multiple of {stage.type}.numGenerations ({groups}): each step samples "
                 "whole groups",
             ))
-        if info.reward == "modelOrFunctions" and not has_reward_model and not functions:
+        if info.reward == "modelOrFunctions" and not has_reward_model and functions == []:
             out.append(Problem(
                 f"{p}.{stage.type}.rewardFunctions",
                 f"a {stage.type} stage needs something to score its samples: list built-in rewardFunctions, set "

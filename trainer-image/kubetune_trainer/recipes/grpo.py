@@ -44,15 +44,9 @@ RewardFunc = Callable[..., list[float]]
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def _text(completion: Any) -> str:
-    """A sampled completion as text: strings as they are, conversational ones as the assistant's content."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(m.get("content") or "") for m in completion)
-
-
 def exact_match(completions: Sequence[Any], reference: Sequence[str], **_: Any) -> list[float]:
-    return [float(evals.normalise(_text(c)) == evals.normalise(r)) for c, r in zip(completions, reference, strict=True)]
+    return [float(evals.normalise(evals.completion_text(c)) == evals.normalise(r))
+            for c, r in zip(completions, reference, strict=True)]
 
 
 def _last_number(text: str) -> float | None:
@@ -63,7 +57,7 @@ def _last_number(text: str) -> float | None:
 def numeric_match(completions: Sequence[Any], reference: Sequence[str], **_: Any) -> list[float]:
     out = []
     for c, r in zip(completions, reference, strict=True):
-        got, want = _last_number(_text(c)), _last_number(r)
+        got, want = _last_number(evals.completion_text(c)), _last_number(r)
         out.append(float(got is not None and want is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))))
     return out
 
@@ -72,7 +66,7 @@ def format_reward(pattern: str) -> RewardFunc:
     compiled = re.compile(pattern, re.DOTALL)
 
     def format(completions: Sequence[Any], **_: Any) -> list[float]:
-        return [float(compiled.fullmatch(_text(c).strip()) is not None) for c in completions]
+        return [float(compiled.fullmatch(evals.completion_text(c).strip()) is not None) for c in completions]
 
     return format
 
@@ -81,7 +75,7 @@ def length_penalty(max_length: int) -> RewardFunc:
     def length_penalty(completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
                        **_: Any) -> list[float]:
         lengths = [len(ids) for ids in completion_ids] if completion_ids is not None \
-            else [len(_text(c).split()) for c in completions]
+            else [len(evals.completion_text(c).split()) for c in completions]
         return [-min(1.0, n / max_length) for n in lengths]
 
     return length_penalty
@@ -113,7 +107,7 @@ def prompt_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if split:
                 out.append({"prompt": split[0], "reference": split[1]})
         else:
-            out.append({"prompt": row["prompt"], "reference": evals._text(row["completion"])})
+            out.append({"prompt": row["prompt"], "reference": evals.completion_text(row["completion"])})
     if not out:
         raise ValueError("no row has a prompt and a reference answer to score completions against")
     return out

@@ -37,7 +37,7 @@ def unpair(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def logprobs(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean log p(completion | prompt) of the desirable and the undesirable held-out rows."""
     prompts = [evals.prompt_text(tokenizer, r["prompt"]) for r in rows]
-    logps = evals.completion_logps(model, tokenizer, prompts, [evals._text(r["completion"]) for r in rows])
+    logps = evals.completion_logps(model, tokenizer, prompts, [evals.completion_text(r["completion"]) for r in rows])
     good = [lp for lp, r in zip(logps, rows, strict=True) if r["label"]]
     bad = [lp for lp, r in zip(logps, rows, strict=True) if not r["label"]]
     figures = {}

@@ -10,6 +10,7 @@ import pytest
 from kubetune import metrics
 from kubetune.api import FineTuneJob, find_condition
 from kubetune.api import reasons as r
+from kubetune.api.stagerun import render_stage_run
 from kubetune.controllers.pipeline import (
     adapter_spec,
     check,

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from kubetune.api import StageRun
+from kubetune.api import StageRun, registry
 from kubetune.api.finetunejob import DEFAULT_MAX_LENGTH
 from kubetune.shared import write_json
 
-from kubetune_trainer import models
+from kubetune_trainer import bottleneck, models
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -77,7 +77,7 @@ def load_data(run: StageRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     if not rows:
         raise ValueError(f"dataset {d.uri} has no rows")
     if d.validation_uri:
-        held_out = load_rows(d.validation_uri, d.format, d.columns)
+        held_out = load_rows(d.validation_uri, d.format, d.columns, held_out=True)
     elif d.validation_fraction > 0:
         rows, held_out = split_rows(rows, d.validation_fraction, run.hyperparameters.seed)
     else:
@@ -103,6 +103,9 @@ def eval_dataset(run: StageRun, held_out: list[dict[str, Any]]) -> Any:
 def learning_rate(run: StageRun) -> float:
     if run.hyperparameters.learning_rate is not None:
         return run.hyperparameters.learning_rate
+    method = registry.tuning_method(run.tuning.method)
+    if method.learning_rate is not None:
+        return method.learning_rate
     full, lora = run.info.learning_rates
     return full if run.tuning.method == "full" else lora
 
@@ -237,11 +240,15 @@ def train(trainer: Any, ctx: Context) -> Any:
 
 
 def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any) -> None:
-    """Write the model (or adapter), its processing class and, for LoRA with merge, `<out>/merged`."""
-    trainer.save_model(str(ctx.out))  # every rank: DeepSpeed ZeRO-3 gathers the shards
+    """Write the model (or adapter), its processing class and, with merge (LoRA, IA3), `<out>/merged`."""
+    if run.tuning.method == "adapter":  # bottleneck adapters: only their weights, not the frozen base
+        if ctx.is_main:
+            bottleneck.save(trainer.model, ctx.out)
+    else:
+        trainer.save_model(str(ctx.out))  # every rank: DeepSpeed ZeRO-3 gathers the shards
     if ctx.is_main:
         processing_class.save_pretrained(str(ctx.out))
-        if run.tuning.method != "full" and run.merge:
+        if run.merge and registry.tuning_method(run.tuning.method).mergeable:
             models.merge_adapter(run, ctx.out, processing_class)
     barrier()
 
@@ -293,6 +300,7 @@ def report(
         "stage": run.stage,
         "type": run.type,
         "method": run.tuning.method,
+        "trainableParameters": models.count_parameters(trainer.model, trainable=True),
         "globalStep": state.global_step,
         "epoch": state.epoch,
         "trainLoss": train_loss,

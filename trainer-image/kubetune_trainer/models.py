@@ -3,7 +3,8 @@
     from kubetune_trainer import models
     tokenizer = models.load_tokenizer(run, texts)       # or train one for model.init
     model = models.load_model(run, tokenizer)            # the head of the stage type's registry entry
-    peft_config = models.lora_config(run)                # None for tuning.method full
+    model = models.add_adapters(model, run)              # bottleneck adapters (tuning.method adapter)
+    peft_config = models.peft_config(run)                # LoRA, IA3, prompt or prefix tuning; else None
 
 The model class comes from the stage type's registry entry (`head`), looked up in `HEADS`:
 a new head is one row there, not a branch in every function. The processing class is what
@@ -11,8 +12,9 @@ transformers calls it: a tokenizer for text, an image processor, a feature extra
 processor; whatever it is, it is saved beside the model (`save_pretrained`).
 
 What a stage writes (`save_outputs`): the trained model or adapter in safetensors at the stage
-folder, the tokenizer always, and for LoRA stages with `merge` the merged weights plus the
-tokenizer at `<output>/merged/`, which is what the next stage loads (see
+folder (a PEFT adapter folder, or `bottleneck.py`'s for adapters), the tokenizer always, and for
+stages with `merge` (LoRA, QLoRA, IA3: the methods whose update folds into the weights) the merged
+weights plus the tokenizer at `<output>/merged/`, which is what the next stage loads (see
 `kubetune.api.stagerun.stage_model_uri`).
 """
 
@@ -27,9 +29,9 @@ from typing import Any
 
 import torch
 from kubetune.api import StageRun
-from kubetune.api.finetunejob import ModelInit
+from kubetune.api.finetunejob import AdapterSpec, Ia3Spec, LoraSpec, ModelInit, PrefixTuningSpec, PromptTuningSpec
 
-from kubetune_trainer import storage
+from kubetune_trainer import bottleneck, storage
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -186,6 +188,8 @@ class HeadSpec:
 HEADS: dict[str, HeadSpec] = {
     "causalLM": HeadSpec("AutoModelForCausalLM", task_type="CAUSAL_LM"),
     "reward": HeadSpec("AutoModelForSequenceClassification", (("num_labels", 1),), task_type="SEQ_CLS"),
+    # the number of labels and their names come from the data (recipes/image_classification.py)
+    "imageClassification": HeadSpec("AutoModelForImageClassification"),
 }
 
 
@@ -225,6 +229,54 @@ def init_config(init: ModelInit, tokenizer: Any) -> Any:
         max_position_embeddings=init.max_position_embeddings,
         **ids,
     )
+
+
+def vision_config(init: ModelInit, labels: list[str]) -> Any:
+    """A transformers config for an image classifier built from scratch, with a head for `labels`.
+
+    vit: numLayers blocks of width hiddenSize on imageSize/patchSize patches per side; convnext
+    and resnet ("basic" blocks, as ResNet-18): numLayers stages of 2 blocks, hiddenSize x 2^i wide.
+    """
+    from transformers import ConvNextConfig, ResNetConfig, ViTConfig
+
+    from kubetune.api.finetunejob import DEFAULT_IMAGE_SIZE, DEFAULT_PATCH_SIZE
+
+    ids: dict[str, Any] = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+           "label2id": {name: i for i, name in enumerate(labels)}}
+    image_size = init.image_size or DEFAULT_IMAGE_SIZE
+    widths = [init.hidden_size * 2 ** i for i in range(init.num_layers)]
+    if init.architecture == "vit":
+        return ViTConfig(
+            image_size=image_size, patch_size=init.patch_size or DEFAULT_PATCH_SIZE["vit"],
+            hidden_size=init.hidden_size, num_hidden_layers=init.num_layers, num_attention_heads=init.num_heads,
+            intermediate_size=init.intermediate_size or 4 * init.hidden_size, **ids,
+        )
+    if init.architecture == "convnext":
+        return ConvNextConfig(
+            image_size=image_size, patch_size=init.patch_size or DEFAULT_PATCH_SIZE["convnext"],
+            num_stages=init.num_layers, hidden_sizes=widths, depths=[2] * init.num_layers, **ids,
+        )
+    if init.architecture == "resnet":
+        return ResNetConfig(
+            embedding_size=init.hidden_size, hidden_sizes=widths, depths=[2] * init.num_layers, layer_type="basic",
+            **ids,
+        )
+    raise ValueError(f"model.init.architecture {init.architecture} is no vision architecture; use vit, convnext or resnet")
+
+
+def image_processor(init: ModelInit) -> Any:
+    """The image processor of a vision model built from scratch: resize to imageSize, scale, normalise
+    with ImageNet's mean and deviation (the processors transformers pairs with each architecture)."""
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    from kubetune.api.finetunejob import DEFAULT_IMAGE_SIZE
+
+    side = init.image_size or DEFAULT_IMAGE_SIZE
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    if init.architecture == "vit":
+        return ViTImageProcessor(size={"height": side, "width": side}, image_mean=mean, image_std=std)
+    # crop_pct 1: resize the shorter side to imageSize and keep the whole image
+    return ConvNextImageProcessor(size={"shortest_edge": side}, crop_pct=1.0, image_mean=mean, image_std=std)
 
 
 def quantization_config(run: StageRun) -> Any:
@@ -333,36 +385,68 @@ def prepare_for_kbit(model: Any, run: StageRun) -> Any:
     )
 
 
-def lora_config(run: StageRun, task_type: str | None = None, trainable_tokens: dict[str, list[int]] | None = None) -> Any:
-    """peft.LoraConfig from tuning.lora (None for full fine-tuning).
+def peft_config(run: StageRun, task_type: str | None = None, trainable_tokens: dict[str, list[int]] | None = None) -> Any:
+    """The peft config of tuning.method (LoRA, IA3, prompt or prefix tuning); None for full fine-tuning
+    and for bottleneck adapters, which `add_adapters` puts on the model itself.
 
     trainable_tokens: {embedding module name: token ids} whose embedding rows train although
-    the base is frozen (tokens the stage added for its chat template).
+    the base is frozen (tokens the stage added for its chat template; LoRA only).
     """
-    if run.tuning.method == "full":
+    method, tuning = run.tuning.method, run.tuning
+    task_type = task_type or head_of(run).task_type
+    if method in ("full", "adapter"):
         return None
+    if method == "ia3":
+        from peft import IA3Config
+
+        ia3 = tuning.ia3 or Ia3Spec()
+        return IA3Config(task_type=task_type, target_modules=ia3.target_modules,
+                         feedforward_modules=ia3.feedforward_modules)
+    if method == "promptTuning":
+        from peft import PromptTuningConfig, PromptTuningInit
+
+        prompt = tuning.prompt_tuning or PromptTuningSpec()
+        text = prompt.init_text is not None
+        return PromptTuningConfig(
+            task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.SAMPLE_VOCAB,
+            prompt_tuning_init_text=prompt.init_text,
+            tokenizer_name_or_path=str(storage.local_path(run.model_uri)) if text and run.model_uri else None,
+        )
+    if method == "prefixTuning":
+        from peft import PrefixTuningConfig
+
+        prefix = tuning.prefix_tuning or PrefixTuningSpec()
+        extra: dict[str, Any] = {}
+        if prefix.projection_hidden_size is not None:
+            extra["encoder_hidden_size"] = prefix.projection_hidden_size
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=prefix.num_virtual_tokens,
+                                  prefix_projection=prefix.projection, **extra)
     from peft import LoraConfig
 
-    from kubetune.api.finetunejob import LoraSpec
-
-    spec = run.tuning.lora or LoraSpec()
+    spec = tuning.lora or LoraSpec()
     targets: str | list[str] = "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
-    extra: dict[str, Any] = {}
-    if trainable_tokens:
-        extra["trainable_token_indices"] = trainable_tokens
+    tokens: dict[str, Any] = {"trainable_token_indices": trainable_tokens} if trainable_tokens else {}
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=targets,
         use_dora=spec.use_dora,
-        task_type=task_type or head_of(run).task_type,
-        **extra,
+        task_type=task_type,
+        **tokens,
     )
 
 
+def add_adapters(model: Any, run: StageRun) -> Any:
+    """Bottleneck adapters on a frozen `model` for tuning.method adapter; the model unchanged otherwise."""
+    if run.tuning.method != "adapter":
+        return model
+    return bottleneck.add(model, run.tuning.adapter or AdapterSpec(), run.model_uri)
+
+
 def new_token_rows(model: Any, tokenizer: Any, tokens: list[str]) -> dict[str, list[int]] | None:
-    """{input embedding module name: ids} of tokens added to the tokenizer, for lora_config."""
+    """{input embedding module name: ids} of tokens added to the tokenizer, for peft_config."""
     if not tokens:
         return None
     embeddings = model.get_input_embeddings()
@@ -378,7 +462,7 @@ def count_parameters(model: Any, trainable: bool = False) -> int:
 
 
 def merge_adapter(run: StageRun, out: Path, processing_class: Any) -> Path:
-    """Fold the LoRA adapter saved at `out` into a full-precision copy of its base; write `<out>/merged`.
+    """Fold the LoRA or IA3 adapter saved at `out` into a full-precision copy of its base; write `<out>/merged`.
 
     The base is reloaded unquantized (qlora included): merging into 4-bit weights would lose the update.
     """
@@ -415,4 +499,28 @@ def load_trained(run: StageRun, out: Path) -> Any:
     base = cls.from_pretrained(str(storage.local_path(run.model_uri)), dtype=torch.float32, **kwargs)
     if run.info.modality == "text":
         fit_embeddings(base, AutoTokenizer.from_pretrained(str(out)))
-    return PeftModel.from_pretrained(base, str(out))
+    if bottleneck.is_adapter(out):
+        return bottleneck.load(base, out)
+    return generation_ready(PeftModel.from_pretrained(base, str(out)))
+
+
+def generation_ready(model: Any) -> Any:
+    """A prompt- or prefix-tuned PeftModel whose `generate` keeps its virtual tokens.
+
+    peft 0.21 reads and writes the generation cache under `past_key_values`, while transformers 5
+    passes it as `cache`; without this, generate drops the prefix (prefix tuning) or re-inserts
+    the prompt at every step (prompt tuning). Here the base model's generation inputs carry the
+    cache under the older name, which transformers still accepts.
+    """
+    if not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return model
+    prepare = model.base_model_prepare_inputs_for_generation
+
+    def renamed(*args: Any, **kwargs: Any) -> Any:
+        out = prepare(*args, **kwargs)
+        if "cache" in out:
+            out["past_key_values"] = out.pop("cache")
+        return out
+
+    model.base_model_prepare_inputs_for_generation = renamed
+    return model

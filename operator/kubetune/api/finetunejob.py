@@ -46,9 +46,9 @@ def _cel_list(items: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{i}'" for i in items) + "]"
 
 
-def _spoken(items: tuple[str, ...]) -> str:
+def _spoken(items: tuple[str, ...], conjunction: str = "and") -> str:
     """('a', 'b', 'c') -> 'a, b and c'."""
-    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}" if len(items) > 1 else "".join(items)
 
 
 def _formats_rule() -> str:
@@ -90,17 +90,31 @@ if TYPE_CHECKING:
 else:
     Architecture = Literal[tuple(registry.ARCHITECTURES)]
 TEXT_ARCHITECTURES = tuple(a for a, m in registry.ARCHITECTURES.items() if m == "text")
+CONV_ARCHITECTURES = ("convnext", "resnet")  # stages of widths hiddenSize x 2^i
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_PATCH_SIZE = {"vit": 16, "convnext": 4}
 
 
 class ModelInit(KubeModel, json_schema_extra=rules(
     cel(f"!(self.architecture in {_cel_list(TEXT_ARCHITECTURES)}) || has(self.tokenizer)",
         "model.init.tokenizer is required for text architectures: set tokenizer.uri or tokenizer.train"),
+    cel(f"!(self.architecture in {_cel_list(CONV_ARCHITECTURES)}) || self.numLayers <= 4",
+        "model.init.numLayers counts the stages of convnext and resnet: at most 4"),
+    cel(f"self.architecture != 'vit' || (has(self.imageSize) ? self.imageSize : {DEFAULT_IMAGE_SIZE}) % "
+        f"(has(self.patchSize) ? self.patchSize : {DEFAULT_PATCH_SIZE['vit']}) == 0",
+        "model.init.imageSize must be a multiple of patchSize for vit"),
 )):
     architecture: Architecture = Field(
         default="llama", description="Architecture to build from a config (Hugging Face model type)."
     )
-    hidden_size: int = Field(default=64, ge=8, le=65536, description="Width of the hidden states.")
-    num_layers: int = Field(default=2, ge=1, le=256, description="Number of transformer blocks.")
+    hidden_size: int = Field(
+        default=64, ge=8, le=65536,
+        description="Width of the hidden states (convnext and resnet: of the first stage; each next stage doubles it).",
+    )
+    num_layers: int = Field(
+        default=2, ge=1, le=256,
+        description="Number of transformer blocks (convnext and resnet: of stages, at most 4, each of 2 blocks).",
+    )
     num_heads: int = Field(default=4, ge=1, le=512, description="Number of attention heads.")
     num_key_value_heads: int | None = Field(
         default=None, ge=1, le=512, description="Key/value heads for grouped-query attention (default: numHeads)."
@@ -113,6 +127,14 @@ class ModelInit(KubeModel, json_schema_extra=rules(
     )
     tokenizer: TokenizerInit | None = Field(
         default=None, description="The tokenizer (text architectures): an existing one, or one trained on the data."
+    )
+    image_size: int | None = Field(
+        default=None, ge=8, le=4096,
+        description=f"Vision architectures: side in pixels of the square image the model sees (default {DEFAULT_IMAGE_SIZE}).",
+    )
+    patch_size: int | None = Field(
+        default=None, ge=1, le=512,
+        description="vit: side in pixels of each patch (default 16); convnext: of the stem's patches (default 4).",
     )
 
 
@@ -171,13 +193,95 @@ class LoraSpec(KubeModel):
     use_dora: bool = Field(default=False, description="Use DoRA (weight-decomposed LoRA).")
 
 
-class TuningSpec(KubeModel, json_schema_extra=rules(
-    cel("!has(self.lora) || self.method != 'full'", "tuning.lora is only for tuning.method lora or qlora"),
+class PromptTuningSpec(KubeModel):
+    num_virtual_tokens: int = Field(
+        default=20, ge=1, le=1024, description="Trainable virtual tokens put before every input's embeddings."
+    )
+    init_text: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="Start the virtual tokens from the embeddings of this text's tokens (repeated to fill them), "
+                    "e.g. a description of the task; by default from embeddings of tokens drawn from the vocabulary, "
+                    "which Lester et al. found better than random.",
+    )
+
+
+class PrefixTuningSpec(KubeModel, json_schema_extra=rules(
+    cel("!has(self.projectionHiddenSize) || self.projection", "prefixTuning.projectionHiddenSize needs projection: true"),
 )):
-    method: Literal["full", "lora", "qlora"] = Field(
-        default="full", description="full: train every weight; lora: train adapters; qlora: adapters on a 4-bit (nf4) base."
+    num_virtual_tokens: int = Field(
+        default=20, ge=1, le=1024, description="Length of the trainable key/value prefix put before every layer's attention."
+    )
+    projection: bool = Field(
+        default=False,
+        description="Produce the prefix through a two-layer MLP while training (Li and Liang's reparameterization, "
+                    "steadier but with more trainable parameters).",
+    )
+    projection_hidden_size: int | None = Field(
+        default=None, ge=1, le=65536, description="Hidden size of that MLP (default: the model's hidden size)."
+    )
+
+
+class Ia3Spec(KubeModel, json_schema_extra=rules(
+    cel("!has(self.feedforwardModules) || (has(self.targetModules) && "
+        "self.feedforwardModules.all(m, m in self.targetModules))",
+        "ia3.feedforwardModules must be listed in ia3.targetModules too; set both"),
+)):
+    target_modules: list[ShortString] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Modules whose activations are rescaled by a learned vector (default: PEFT's choice for the "
+                    "architecture: keys, values and the feed-forward output, as in (IA)3).",
+    )
+    feedforward_modules: list[ShortString] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Those of targetModules that are feed-forward layers: rescaled at their input rather than their output.",
+    )
+
+
+class AdapterSpec(KubeModel):
+    reduction_factor: int = Field(
+        default=16, ge=1, le=1024,
+        description="Hidden size divided by the bottleneck size (AdapterHub's default 16; Houlsby et al. used "
+                    "bottlenecks of 8 to 256 units).",
+    )
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        default="houlsby",
+        description="houlsby: an adapter after the attention and after the feed-forward block of every layer; "
+                    "pfeiffer: after the feed-forward block only (half the parameters).",
+    )
+    activation: Literal["relu", "gelu", "silu"] = Field(default="silu", description="Non-linearity inside the bottleneck.")
+
+
+_METHOD_BLOCKS = {  # the `tuning` field of each method's settings block
+    "lora": LoraSpec, "ia3": Ia3Spec, "promptTuning": PromptTuningSpec, "prefixTuning": PrefixTuningSpec,
+    "adapter": AdapterSpec,
+}
+
+
+def _tuning_rules() -> dict[str, Any]:
+    out = []
+    for block in _METHOD_BLOCKS:
+        methods = [m.name for m in registry.TUNING_METHODS.values() if m.block == block]
+        out.append(cel(f"!has(self.{block}) || self.method in {_cel_list(tuple(methods))}",
+                       f"tuning.{block} is only for tuning.method {' or '.join(methods)}", f".{block}"))
+    return rules(*out)
+
+
+if TYPE_CHECKING:
+    TuningMethod = str
+else:
+    TuningMethod = Literal[tuple(registry.TUNING_METHODS)]
+
+
+class TuningSpec(KubeModel, json_schema_extra=_tuning_rules()):
+    method: TuningMethod = Field(
+        default="full",
+        description="Which weights train. " + "; ".join(f"{m.name}: {m.help}" for m in registry.TUNING_METHODS.values()) + ".",
     )
     lora: LoraSpec | None = Field(default=None, description="LoRA settings (lora and qlora; defaults apply when left out).")
+    ia3: Ia3Spec | None = Field(default=None, description="(IA)3 settings (method ia3).")
+    prompt_tuning: PromptTuningSpec | None = Field(default=None, description="Prompt-tuning settings (method promptTuning).")
+    prefix_tuning: PrefixTuningSpec | None = Field(default=None, description="Prefix-tuning settings (method prefixTuning).")
+    adapter: AdapterSpec | None = Field(default=None, description="Bottleneck-adapter settings (method adapter).")
 
 
 DEFAULT_MAX_LENGTH = 1024
@@ -260,6 +364,12 @@ def _stage_rules() -> dict[str, Any]:
             f"dataset.preferenceDatasetRef is only for {_spoken(PREFERENCE_STAGES)} stages; use dataset.uri",
         ),
         *(cel(f"!has(self.{b}) || self.type == '{b}'", f"the {b} block is only for stages of type {b}") for b in with_blocks),
+        *(
+            cel(f"!has(self.tuning) || self.tuning.method != '{m.name}' || self.type in {_cel_list(m.stage_types)}",
+                f"tuning.method {m.name} is for {_spoken(m.stage_types)} stages; use lora or full for this stage type",
+                ".tuning.method")
+            for m in registry.TUNING_METHODS.values() if m.stage_types
+        ),
         cel(
             "!has(self.hyperparameters) || !(has(self.hyperparameters.maxLength) || has(self.hyperparameters.packing))"
             f" || self.type in {_cel_list(TEXT_STAGES)}",
@@ -341,7 +451,30 @@ class RunPolicy(KubeModel):
     queue: Queue | None = Field(default=None, description="Admit stages through a Kueue or Volcano queue.")
 
 
-class FineTuneJobSpec(KubeModel):
+_NOT_TEXT = tuple(t.name for t in _STAGE_TYPES if t.modality != "text")
+_KEPT_APART = tuple(m.name for m in registry.TUNING_METHODS.values() if m.adapter and not m.mergeable)
+
+
+def _spec_rules() -> dict[str, Any]:
+    kept = _cel_list(_KEPT_APART)
+    last = "self.stages[size(self.stages) - 1]"
+    return rules(
+        cel(f"self.stages.all(s, !has(s.tuning) || !(s.tuning.method in {kept}) || s.name == {last}.name)",
+            f"a stage tuned with {_spoken(_KEPT_APART, 'or')} keeps its adapter apart from the model (it cannot be "
+            "merged), so no later stage can start from it: make it the last stage, or use lora or ia3", ".stages"),
+        cel(f"!has(self.publish) || (has(self.publish.enabled) && !self.publish.enabled) || !has({last}.tuning) || "
+            f"!({last}.tuning.method in {kept})",
+            "vLLM serves whole models and LoRA adapters only, and the kubetune runtime that serves what "
+            f"{_spoken(_KEPT_APART, 'or')} train is not built yet: remove spec.publish (the adapter stays in "
+            "spec.output.uri), or tune the last stage with lora, ia3 or full", ".publish"),
+        cel(f"!has(self.publish) || (has(self.publish.enabled) && !self.publish.enabled) || "
+            f"!({last}.type in {_cel_list(_NOT_TEXT)})",
+            "vLLM serves text models only, and the kubetune runtime that serves image and speech models is not "
+            "built yet: remove spec.publish (the model stays in spec.output.uri)", ".publish"),
+    )
+
+
+class FineTuneJobSpec(KubeModel, json_schema_extra=_spec_rules()):
     model: ModelSource = Field(description="Where the first stage starts.")
     stages: list[Stage] = Field(
         min_length=1, max_length=16,

@@ -168,6 +168,21 @@ class GrpoSpec(KubeModel, json_schema_extra=rules(
     temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature of the completions.")
 
 
+class ImageClassificationSpec(KubeModel):
+    """How training images are augmented (held-out images are only resized, as served)."""
+
+    horizontal_flip: bool = Field(
+        default=True,
+        description="Mirror training images left-right at random; turn it off when mirroring changes the class "
+                    "(digits, text, arrows).",
+    )
+    crop_scale: float = Field(
+        default=0.08, gt=0, le=1,
+        description="Random resized crop: the smallest share of the image area a training crop keeps "
+                    "(torchvision's default 0.08; 1 keeps the whole image).",
+    )
+
+
 # --- the table ----------------------------------------------------------------------------
 
 
@@ -193,6 +208,7 @@ class StageTypeInfo:
     preference_dataset: bool = False  # may read a PreferenceDataset
     reward: RewardSource = "none"
     implemented: bool = True  # the trainer has its recipe; otherwise refused as "not implemented yet"
+    from_scratch: bool = False  # may be a job's first stage on a model built from spec.model.init
     recipe: str = ""  # module under kubetune_trainer.recipes; default: the name in snake_case
 
     def __post_init__(self) -> None:
@@ -205,7 +221,7 @@ class StageTypeInfo:
 _TEXT_CHAT = ("text", "promptCompletion", "messages")
 
 STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
-    StageTypeInfo("pretrain", ("text",), "text", "causalLM", (3e-4, 3e-4), "evalLoss", "vllm"),
+    StageTypeInfo("pretrain", ("text",), "text", "causalLM", (3e-4, 3e-4), "evalLoss", "vllm", from_scratch=True),
     StageTypeInfo("sft", _TEXT_CHAT, "text", "causalLM", (2e-5, 2e-4), "exactMatch", "vllm", block=SftSpec),
     StageTypeInfo("reward", ("preference",), "text", "reward", (2e-5, 2e-4), "pairwiseAccuracy", "kubetune",
                   block=RewardSpec, preference_dataset=True),
@@ -219,7 +235,7 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
     StageTypeInfo("grpo", ("promptCompletion", "messages"), "text", "causalLM", (1e-6, 1e-5), "exactMatch", "vllm",
                   block=GrpoSpec, reference_model=True, reward="modelOrFunctions"),
     StageTypeInfo("imageClassification", ("imageLabel",), "image", "imageClassification", (5e-5, 5e-4), "accuracy",
-                  "kubetune", implemented=False),
+                  "kubetune", block=ImageClassificationSpec, from_scratch=True),
     StageTypeInfo("clip", ("imageCaption",), "image", "contrastiveImageText", (1e-5, 1e-4), "retrievalAccuracy",
                   "kubetune", implemented=False),
     StageTypeInfo("diffusion", ("imageCaption",), "image", "diffusionUNet", (1e-5, 1e-4), "evalLoss", "kubetune",
@@ -230,8 +246,51 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
                   implemented=False),
 )}
 
-# Architectures `spec.model.init` can build, and their modality (the vision and speech stages add theirs).
-ARCHITECTURES: dict[str, Modality] = {"llama": "text", "qwen2": "text", "gpt2": "text"}
+# Architectures `spec.model.init` can build, and their modality (the speech stages add theirs).
+ARCHITECTURES: dict[str, Modality] = {
+    "llama": "text", "qwen2": "text", "gpt2": "text", "vit": "image", "convnext": "image", "resnet": "image",
+}
+
+# --- tuning methods -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuningMethodInfo:
+    """One `tuning.method`: which weights train, and where its output can go."""
+
+    name: str
+    help: str  # one line for the CRD's description of tuning.method
+    block: str = ""  # its settings block under `tuning` (camelCase), if any
+    adapter: bool = True  # the stage writes an adapter beside a frozen base, not a whole model
+    mergeable: bool = False  # the adapter folds into the base weights (`<out>/merged`)
+    vllm_adapter: bool = False  # vLLM serves the adapter itself on its base (otherwise: merged, or not by vLLM)
+    stage_types: tuple[str, ...] = ()  # the stage types it suits; empty: every stage type
+    learning_rate: float | None = None  # default peak learning rate; None: the stage type's LoRA one
+
+
+TUNING_METHODS: dict[str, TuningMethodInfo] = {m.name: m for m in (
+    TuningMethodInfo("full", "train every weight", adapter=False),
+    TuningMethodInfo("lora", "low-rank update matrices beside frozen linear layers (Hu et al. 2021)",
+                     block="lora", mergeable=True, vllm_adapter=True),
+    TuningMethodInfo("qlora", "LoRA on a 4-bit (nf4) quantized base (Dettmers et al. 2023)", block="lora",
+                     mergeable=True, vllm_adapter=True),
+    TuningMethodInfo("ia3", "learned vectors that rescale keys, values and feed-forward activations (Liu et al. 2022)",
+                     block="ia3", mergeable=True, stage_types=("sft", "dpo"), learning_rate=3e-3),
+    TuningMethodInfo("promptTuning", "trainable virtual tokens before the input embeddings only (Lester et al. 2021)",
+                     block="promptTuning", stage_types=("sft",), learning_rate=3e-2),
+    TuningMethodInfo("prefixTuning", "trainable virtual key/value prefixes at every layer (Li and Liang 2021)",
+                     block="prefixTuning", stage_types=("sft",), learning_rate=1e-2),
+    TuningMethodInfo("adapter", "bottleneck modules after the attention and feed-forward blocks (Houlsby et al. 2019)",
+                     block="adapter", stage_types=("sft",), learning_rate=1e-4),
+)}
+
+
+def tuning_method(name: str) -> TuningMethodInfo:
+    try:
+        return TUNING_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown tuning.method {name!r}; kubetune knows {', '.join(TUNING_METHODS)}") from None
+
 
 _frozen = False
 
@@ -298,4 +357,6 @@ def learning_rate_help() -> str:
     for t in STAGE_TYPES.values():
         full, lora = t.learning_rates
         parts.append(f"{t.name} {fmt(full)}" + (f" ({fmt(lora)} with LoRA)" if lora != full else ""))
-    return "Peak learning rate. Default per stage type: " + ", ".join(parts) + "."
+    methods = [f"{m.name} {fmt(m.learning_rate)}" for m in TUNING_METHODS.values() if m.learning_rate is not None]
+    return ("Peak learning rate. Default per stage type: " + ", ".join(parts) + "; with the methods that train "
+            "a few new parameters, per method: " + ", ".join(methods) + ".")

@@ -159,6 +159,10 @@ def render_stage_run(
         )
     info = registry.get(stage.type)
     blocks = {t.name: getattr(stage, t.name) for t in registry.with_blocks() if getattr(stage, t.name) is not None}
+    method = registry.tuning_method(stage.tuning.method)
+    publishing = spec.publish is not None and spec.publish.enabled
+    # Merged weights for the next stage, when asked for, and when publishing what vLLM cannot serve as an adapter (ia3).
+    merge = method.mergeable and (not last or spec.output.merge or (publishing and not method.vllm_adapter))
     return StageRun(
         job=job.metadata.name,
         namespace=job.metadata.namespace,
@@ -177,6 +181,6 @@ def render_stage_run(
         **blocks,
         distributed=stage.distributed,
         output_uri=stage_output_uri(output_base, stage),
-        merge=stage.tuning.method != "full" and (not last or spec.output.merge),
+        merge=merge,
         metrics_port=metrics_port,
     )

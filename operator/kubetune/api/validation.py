@@ -133,6 +133,10 @@ def _columns_problems(path: str, columns: dict[str, str] | None, allowed: tuple[
     ]
 
 
+def _article(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def semantic_problems(obj: BaseModel) -> list[Problem]:
     """Checks beyond the CRD that need no cluster (the operator adds the cluster ones)."""
     out: list[Problem] = []
@@ -179,10 +183,13 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
                     f"{p}.tuning.method",
                     "a model built from spec.model.init has no trained weights to freeze; use tuning.method: full",
                 ))
-            if stage.type != "pretrain":
+            modality = registry.ARCHITECTURES[spec.model.init.architecture]
+            if not info.from_scratch or info.modality != modality:
+                starters = [t.name for t in registry.STAGE_TYPES.values() if t.from_scratch and t.modality == modality]
                 out.append(Problem(
                     f"{p}.type",
-                    "a model built from spec.model.init starts from random weights; make the first stage a pretrain stage",
+                    f"a model built from spec.model.init ({spec.model.init.architecture}) starts from random weights; "
+                    f"make the first stage {_article(' or '.join(starters) or 'other')} stage",
                 ))
         if stage.dataset.format:
             out += _columns_problems(f"{p}.dataset", stage.dataset.columns, fields(stage.dataset.format))

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import reasons as r
+from kubetune.api import registry
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.meta import set_condition
 from kubetune.api.stagerun import input_stage, stage_model_uri, stage_output_uri
@@ -284,6 +285,6 @@ def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
     serving: dict[str, Any] = {}
     if publish is not None:
         serving = {"runtime": publish.runtime, "gpus": publish.gpus, "shareServer": publish.share_server}
-    if last.tuning.method != "full" and not job.spec.output.merge and base:
+    if registry.tuning_method(last.tuning.method).vllm_adapter and not job.spec.output.merge and base:
         return {"baseModelUri": base, "adapterUri": stage_output_uri(output_base, last), "serving": serving}
     return {"mergedUri": stage_model_uri(output_base, last), "serving": serving}

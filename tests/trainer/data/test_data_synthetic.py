@@ -13,7 +13,7 @@ import pytest
 from kubetune_trainer.data import validate
 from kubetune_trainer.data.synthetic import answer, is_correct, main, make_all, parse_prompt, wrong_answer
 
-FORMAT_OF = {"pretrain": "text", "sft": "promptCompletion", "sft_messages": "messages",
+FORMAT_OF = {"pretrain": "text", "sft": "promptCompletion", "sft_cue": "promptCompletion", "sft_messages": "messages",
              "preference": "preference", "kto": "unpairedPreference"}
 
 
@@ -50,6 +50,8 @@ def test_held_out_prompts_appear_in_no_training_file(files: dict[str, Path]) -> 
         letter_strings = {" ".join(parse_prompt(p)[1]) for p in held_out}
         assert not [s for s in letter_strings if s in corpus], name
     assert prompts_of("sft/validation", files) == prompts_of("preference/validation", files)
+    cue = prompts_of("sft_cue/validation", files)
+    assert len(cue) >= 150 and not cue & prompts_of("sft_cue/train", files)
 
 
 def test_answers_are_scored_by_exact_match(files: dict[str, Path]) -> None:

@@ -221,6 +221,12 @@ def test_unpaired_preference_label_must_be_boolean(tmp_path: Path) -> None:
     ],
 )
 def test_media_formats_are_checked_for_shape(tmp_path: Path, fmt: str, good: Any, bad: Any, reason: str) -> None:
+    if fmt.startswith("image"):  # images are decoded too (test_data_images.py): the good rows' must exist
+        from PIL import Image
+
+        for name in ("cats/1.png", "1.png"):
+            (tmp_path / name).parent.mkdir(exist_ok=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / name)
     assert only_error(tmp_path, fmt, bad, good) == reason
 
 

@@ -72,6 +72,8 @@ def _media(row: dict[str, Any], key: str, keys: tuple[str, ...]) -> Problems:
         return []
     if isinstance(value, str):
         return [] if value.strip() else [f'"{key}" is empty; give the path of the {key} file']
+    if isinstance(value, (bytes, bytearray)) and "bytes" in keys:  # a binary column (Parquet)
+        return [] if value else [f'"{key}" holds no bytes; give the {key} file\'s bytes or its path']
     if isinstance(value, dict):
         if any(value.get(k) is not None for k in keys):
             return []

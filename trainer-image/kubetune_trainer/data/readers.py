@@ -8,6 +8,8 @@
     Parquet (.parquet, .pq)   line = row index + 1
     datasets folder           what `Dataset.save_to_disk` (or `DatasetDict`'s, for its
                               train split) wrote; line = row index + 1
+    ImageFolder               class folders of image files, no data files (images.py);
+                              line = the image's place in name order
 
 JSONL, JSON and CSV may be gzip-compressed (.gz). A folder of files of one of these kinds is
 read file after file, in name order; the file name is then given with each problem.
@@ -100,7 +102,12 @@ def open_source(path: Path) -> Source:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path) and kind_of(p))
     kinds = sorted({kind_of(p) or "" for p in files})
     if not files:
-        raise ValueError(f"folder {path} holds no data files; expected {DATA_SUFFIXES} files or a datasets folder")
+        from kubetune_trainer.data import images
+
+        if images.is_image_folder(path):
+            return Source(path, images.IMAGE_FOLDER, [])
+        raise ValueError(f"folder {path} holds no data files; expected {DATA_SUFFIXES} files, a datasets folder "
+                         "or class folders of images (ImageFolder)")
     if len(kinds) > 1:
         raise ValueError(f"folder {path} mixes {' and '.join(kinds)} files; keep one kind of file per folder")
     return Source(path, kinds[0], files)
@@ -109,6 +116,11 @@ def open_source(path: Path) -> Source:
 def read_records(source: Source) -> Iterator[Record]:
     if source.kind == "datasets":
         yield from _read_datasets(source.path)
+        return
+    if source.kind == "imagefolder":
+        from kubetune_trainer.data.images import read_image_folder
+
+        yield from read_image_folder(source.path)
         return
     several = len(source.files) > 1
     for f in source.files:

@@ -28,10 +28,15 @@ Files written under DIR (format in brackets):
 
     pretrain/{train,validation}.jsonl        [text]
     sft/{train,validation}.jsonl             [promptCompletion]
+    sft_cue/{train,validation}.jsonl         [promptCompletion] the first-letter task with a bare
+                                             "=" for its name ("q w e =" -> " q"): for the methods
+                                             that steer a fine-tuned model (prompt tuning, IA3, ...)
     sft_messages/{train,validation}.jsonl    [messages] with system turns, two-task
                                              conversations and tool calls
     preference/{train,validation}.jsonl      [preference] chosen correct, rejected a plausible wrong answer
     kto/{train,validation}.jsonl             [unpairedPreference] label true when correct
+    digits/{train,validation}/<digit>/*.png  [imageLabel] ImageFolder, and the same rows as
+    digits/{train,validation}.jsonl          JSONL (see synthetic_images.py)
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ TASKS: dict[str, tuple[Callable[[list[str]], list[str]], int, int]] = {
     "first letter": (lambda s: s[:1], 3, 5),
     "last letter": (lambda s: s[-1:], 3, 5),
 }
+
+CUE = "="  # the cue of sft_cue's rows, which name no task
 
 SYSTEM_PROMPTS = (
     "You solve letter puzzles. Answer with the letters only.",
@@ -162,6 +169,13 @@ def puzzle_split(seed: int = 0, n_train: int = 2000, n_val: int = 200) -> tuple[
 
 def sft_rows(prompts: Sequence[str]) -> list[dict[str, Any]]:
     return [{"prompt": p, "completion": " " + answer(p)} for p in prompts]
+
+
+def cue_rows(prompts: Sequence[str]) -> list[dict[str, Any]]:
+    """The first-letter task behind a new cue: "q w e =" -> " q". A model fine-tuned on the puzzles has
+    the skill but not the cue: what prompt tuning and the other light methods can teach it."""
+    return [{"prompt": " ".join(letters) + " " + CUE, "completion": " " + letters[0]}
+            for letters in (parse_prompt(p)[1] for p in prompts)]
 
 
 def preference_rows(prompts: Sequence[str], rng: random.Random) -> list[dict[str, Any]]:
@@ -281,6 +295,8 @@ def make_all(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int
         "pretrain/validation": pretrain_rows(rng, world, n_val),
         "sft/train": sft_rows(train),
         "sft/validation": sft_rows(val),
+        "sft_cue/train": cue_rows(train),
+        "sft_cue/validation": cue_rows(val),
         "sft_messages/train": message_rows(train, rng),
         "sft_messages/validation": message_rows(val, rng),
         "preference/train": preference_rows(train, rng),
@@ -302,14 +318,19 @@ def make_all(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_val: int
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_trainer.data.synthetic",
-        description="Write kubetune's synthetic pretraining corpus and letter-puzzle data sets as JSONL.",
+        description="Write kubetune's synthetic pretraining corpus and letter-puzzle data sets as JSONL, and the "
+                    "digit images.",
     )
     parser.add_argument("--out", required=True, help="Folder to write into (created if missing).")
     parser.add_argument("--seed", type=int, default=0, help="Seed; the same seed writes the same files.")
     parser.add_argument("--train", type=int, default=2000, help="Training rows per file.")
     parser.add_argument("--validation", type=int, default=200, help="Held-out rows per file.")
+    parser.add_argument("--image-size", type=int, default=32, help="Side in pixels of the digit images.")
     args = parser.parse_args(argv)
+    from kubetune_trainer.data.synthetic_images import make_digits
+
     paths = make_all(args.out, seed=args.seed, n_train=args.train, n_val=args.validation)
+    paths.update(make_digits(args.out, seed=args.seed, size=args.image_size))
     for key, path in paths.items():
         print(f"Wrote {key} path={path}")
     return 0

@@ -170,7 +170,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         train_dataset=common.to_dataset(prompts),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers,
-        peft_config=models.lora_config(run),
+        peft_config=models.peft_config(run),
         callbacks=ctx.callbacks,
     )
 

@@ -811,8 +811,8 @@ def run(run: StageRun, ctx: Context, settings: Settings | None = None) -> dict[s
     if lora:  # the reference is the policy with its adapter disabled
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, models.lora_config(run, task_type="CAUSAL_LM"))
-        value = get_peft_model(value, models.lora_config(run, task_type="SEQ_CLS"))
+        policy = get_peft_model(policy, models.peft_config(run, task_type="CAUSAL_LM"))
+        value = get_peft_model(value, models.peft_config(run, task_type="SEQ_CLS"))
     else:
         reference = frozen(models.load_model(run, tokenizer, uri=run.reference_model_uri or run.model_uri))
     for m in (policy, value, reward_model):

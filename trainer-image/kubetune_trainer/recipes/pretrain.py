@@ -81,7 +81,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         train_dataset=common.to_dataset([{"text": t} for t in texts]),
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        peft_config=models.lora_config(run),
+        peft_config=models.peft_config(run),
         callbacks=ctx.callbacks,
     )
 

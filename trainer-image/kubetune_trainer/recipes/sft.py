@@ -55,6 +55,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     model = models.load_model(run, tokenizer)
     models.fit_embeddings(model, tokenizer)
     model = models.prepare_for_kbit(model, run)
+    model = models.add_adapters(model, run)
     pairs = evals.prompts_and_references(held_out[: common.EVAL_LIMIT], tokenizer)
 
     before = answers_before = None
@@ -77,7 +78,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         train_dataset=common.to_dataset(rows),
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        peft_config=models.lora_config(run, trainable_tokens=models.new_token_rows(model, tokenizer, new_tokens)),
+        peft_config=models.peft_config(run, trainable_tokens=models.new_token_rows(model, tokenizer, new_tokens)),
         callbacks=ctx.callbacks,
     )
 

@@ -1,4 +1,5 @@
-# kubetune: `make demo` runs the tiny pipeline here, `make test` runs every test.
+# kubetune: `make demo` runs the tiny pipeline here and asks its model a held-out prompt over HTTP
+# (kubetune serve), `make test` runs every test.
 # Both set themselves up on a fresh machine (a virtual environment in .venv, the local
 # control plane's binaries in ~/.cache/kubetune).
 
@@ -18,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m pip install --quiet --disable-pip-version-check uv
 	test -x $(PY) || python3 -m uv venv --quiet --python python3 $(VENV)
-	python3 -m uv pip install --quiet --python $(PY) -e '.[operator,trainer,dev]'
+	python3 -m uv pip install --quiet --python $(PY) -e '.[operator,trainer,dev,serve]'
 	touch $@
 
 demo: setup
@@ -26,6 +27,7 @@ demo: setup
 	rm -rf runs/pipeline-tiny
 	$(VENV)/bin/kubetune run examples/pipeline-tiny.yaml
 	$(PY) -m kubetune_trainer.demo runs/pipeline-tiny
+	$(PY) -m kubetune_serve.demo runs/pipeline-tiny
 
 test: setup check unit e2e
 

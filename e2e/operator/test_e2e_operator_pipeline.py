@@ -233,6 +233,7 @@ CEL_REFUSES = [
     "model-uri-and-init", "offload-without-zero", "preference-ref-on-sft", "tokenizer-neither",
     "prompt-tuning-on-dpo", "adapter-before-another-stage", "publish-prefix-tuning", "ia3-feedforward-not-targeted",
     "prompt-block-with-lora", "vit-image-size-not-patches", "convnext-too-many-stages", "publish-image-classifier",
+    "clip-image-size-not-patches",
 ]
 REFUSED = [(INVALID / f"{name}.yaml", "schema") for name in SCHEMA_REFUSES] + [
     (INVALID / f"{name}.yaml", "cel") for name in CEL_REFUSES]

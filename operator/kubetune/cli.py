@@ -6,6 +6,7 @@
     kubetune run FILE [--nproc N] [--resume]  run a FineTuneJob on this machine
     kubetune status runs/<job>              where a local run stands
     kubetune operator [--all-namespaces | --namespace NS ...]  run the operator (kopf)
+    kubetune serve OUTPUT_DIR [--adapter NAME=DIR ...] [--port N]  serve a stage's model (kubetune-serve)
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     from kubetune.local.runner import status
 
     return status(Path(args.run_dir), console)
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    try:  # the serving package needs `kserve`, which the operator does not
+        from kubetune_serve.server import main as serve_main
+    except ImportError as e:
+        console.print(f"[bold red]Refused[/]: kubetune serve needs the serve extra ({e}); "
+                      "install it with pip install 'kubetune[serve]'", highlight=False)
+        return 2
+    argv = ["--model_dir", args.output_dir, "--http_port", str(args.port), "--enable_grpc", "false"]
+    argv += [f"--adapter={a}" for a in args.adapter or []]
+    argv += ["--model_name", args.name] if args.name else []
+    argv += ["--base_model_dir", args.base] if args.base else []
+    return serve_main(argv)
 
 
 def _operator(args: argparse.Namespace, console: Console) -> int:
@@ -170,6 +185,14 @@ def parser() -> argparse.ArgumentParser:
                    help="taint the validation Job's pods tolerate (repeat for more)")
     o.add_argument("-v", "--verbose", action="store_true", help="log kopf's details too")
     o.set_defaults(func=_operator)
+
+    sv = sub.add_parser("serve", help="serve a stage's model over HTTP (OpenAI-compatible and KServe v1/v2 routes)")
+    sv.add_argument("output_dir", help="a stage output folder: <output>/<stage> (a model, or an adapter on its base)")
+    sv.add_argument("--adapter", action="append", metavar="NAME=DIR", help="another adapter on the same base (repeatable)")
+    sv.add_argument("--port", type=int, default=8080, help="HTTP port (default: 8080)")
+    sv.add_argument("--name", default=None, help="the model name clients send (default: the folder's name)")
+    sv.add_argument("--base", default=None, help="the adapters' base model folder, when the one they recorded is gone")
+    sv.set_defaults(func=_serve)
     return p
 
 

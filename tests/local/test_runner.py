@@ -129,7 +129,7 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path) -> None:
     assert _complete_checkpoints(stage_dir)
 
 
-@pytest.mark.parametrize(("stage_type", "data_format"), [("clip", "imageCaption"), ("asr", "audioTranscript")])
+@pytest.mark.parametrize(("stage_type", "data_format"), [("diffusion", "imageCaption"), ("asr", "audioTranscript")])
 def test_stage_types_without_a_recipe_are_refused_before_anything_runs(
     tmp_path: Path, stage_type: str, data_format: str
 ) -> None:

@@ -204,12 +204,13 @@ def test_specs_a_cluster_cannot_run_are_refused_with_the_fix(change: dict[str, A
 def test_qlora_without_gpus_and_unimplemented_stages_are_refused() -> None:
     body = pipeline()
     body["spec"]["stages"][1]["tuning"] = {"method": "qlora"}
-    body["spec"]["stages"].append({"name": "clip", "type": "clip", "dataset": {"uri": "pvc://d/x", "format": "imageCaption"}})
+    body["spec"]["stages"].append({"name": "diffusion", "type": "diffusion",
+                                   "dataset": {"uri": "pvc://d/x", "format": "imageCaption"}})
 
     _, problems = check(body)
 
     assert any(p.startswith("spec.stages[1].resources.gpusPerNode: QLoRA") for p in problems)
-    assert any(p.startswith("spec.stages[3].type: stage type clip is not implemented yet") for p in problems)
+    assert any(p.startswith("spec.stages[3].type: stage type diffusion is not implemented yet") for p in problems)
     assert check(pipeline())[1] == []
 
 

@@ -190,6 +190,7 @@ HEADS: dict[str, HeadSpec] = {
     "reward": HeadSpec("AutoModelForSequenceClassification", (("num_labels", 1),), task_type="SEQ_CLS"),
     # the number of labels and their names come from the data (recipes/image_classification.py)
     "imageClassification": HeadSpec("AutoModelForImageClassification"),
+    "contrastiveImageText": HeadSpec("CLIPModel"),  # a vision and a text tower (recipes/clip.py)
 }
 
 

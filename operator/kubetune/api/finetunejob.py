@@ -92,7 +92,7 @@ else:
 TEXT_ARCHITECTURES = tuple(a for a, m in registry.ARCHITECTURES.items() if m == "text")
 CONV_ARCHITECTURES = ("convnext", "resnet")  # stages of widths hiddenSize x 2^i
 DEFAULT_IMAGE_SIZE = 224
-DEFAULT_PATCH_SIZE = {"vit": 16, "convnext": 4}
+DEFAULT_PATCH_SIZE = {"vit": 16, "convnext": 4, "clip": 32}
 
 
 class ModelInit(KubeModel, json_schema_extra=rules(
@@ -103,6 +103,9 @@ class ModelInit(KubeModel, json_schema_extra=rules(
     cel(f"self.architecture != 'vit' || (has(self.imageSize) ? self.imageSize : {DEFAULT_IMAGE_SIZE}) % "
         f"(has(self.patchSize) ? self.patchSize : {DEFAULT_PATCH_SIZE['vit']}) == 0",
         "model.init.imageSize must be a multiple of patchSize for vit"),
+    cel(f"self.architecture != 'clip' || (has(self.imageSize) ? self.imageSize : {DEFAULT_IMAGE_SIZE}) % "
+        f"(has(self.patchSize) ? self.patchSize : {DEFAULT_PATCH_SIZE['clip']}) == 0",
+        "model.init.imageSize must be a multiple of patchSize for clip"),
 )):
     architecture: Architecture = Field(
         default="llama", description="Architecture to build from a config (Hugging Face model type)."
@@ -134,7 +137,8 @@ class ModelInit(KubeModel, json_schema_extra=rules(
     )
     patch_size: int | None = Field(
         default=None, ge=1, le=512,
-        description="vit: side in pixels of each patch (default 16); convnext: of the stem's patches (default 4).",
+        description="vit and clip: side in pixels of each patch (default 16 and 32); convnext: of the stem's patches "
+                    "(default 4).",
     )
 
 
@@ -432,10 +436,17 @@ class PublishSpec(KubeModel):
     adapter_name: str | None = Field(
         default=None, pattern=DNS_LABEL, max_length=63, description="Name of the ModelAdapter to create (default: the job's name)."
     )
-    runtime: Literal["vllm"] = Field(default="vllm", description="Serving runtime of the InferenceService.")
+    runtime: Literal["vllm", "kubetune"] | None = Field(
+        default=None,
+        description="Serving runtime of the InferenceService: vllm (KServe's huggingface runtime, vLLM backend) or "
+                    "kubetune (kubetune-serve, kubetune's KServe model server). Default: vllm for causal LMs vLLM "
+                    "serves (whole models, LoRA adapters) on GPUs; kubetune for image and speech models, reward "
+                    "models, adapters vLLM cannot load (IA3, prompt and prefix tuning, bottleneck adapters) and "
+                    "gpus 0.",
+    )
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs of the serving pod.")
     share_server: bool = Field(
-        default=True, description="Serve LoRA adapters on the same base model from one InferenceService."
+        default=True, description="Serve adapters on the same base model from one InferenceService."
     )
 
 
@@ -451,7 +462,7 @@ class RunPolicy(KubeModel):
     queue: Queue | None = Field(default=None, description="Admit stages through a Kueue or Volcano queue.")
 
 
-_NOT_TEXT = tuple(t.name for t in _STAGE_TYPES if t.modality != "text")
+_NOT_VLLM = tuple(t.name for t in _STAGE_TYPES if t.serving != "vllm")
 _KEPT_APART = tuple(m.name for m in registry.TUNING_METHODS.values() if m.adapter and not m.mergeable)
 
 
@@ -462,15 +473,15 @@ def _spec_rules() -> dict[str, Any]:
         cel(f"self.stages.all(s, !has(s.tuning) || !(s.tuning.method in {kept}) || s.name == {last}.name)",
             f"a stage tuned with {_spoken(_KEPT_APART, 'or')} keeps its adapter apart from the model (it cannot be "
             "merged), so no later stage can start from it: make it the last stage, or use lora or ia3", ".stages"),
-        cel(f"!has(self.publish) || (has(self.publish.enabled) && !self.publish.enabled) || !has({last}.tuning) || "
-            f"!({last}.tuning.method in {kept})",
-            "vLLM serves whole models and LoRA adapters only, and the kubetune runtime that serves what "
-            f"{_spoken(_KEPT_APART, 'or')} train is not built yet: remove spec.publish (the adapter stays in "
-            "spec.output.uri), or tune the last stage with lora, ia3 or full", ".publish"),
-        cel(f"!has(self.publish) || (has(self.publish.enabled) && !self.publish.enabled) || "
-            f"!({last}.type in {_cel_list(_NOT_TEXT)})",
-            "vLLM serves text models only, and the kubetune runtime that serves image and speech models is not "
-            "built yet: remove spec.publish (the model stays in spec.output.uri)", ".publish"),
+        cel(f"!has(self.publish) || !has(self.publish.runtime) || self.publish.runtime != 'vllm' || "
+            f"!has({last}.tuning) || !({last}.tuning.method in {kept})",
+            f"vLLM serves whole models and LoRA adapters only, not what {_spoken(_KEPT_APART, 'or')} train: "
+            "set spec.publish.runtime kubetune (or leave it unset), or tune the last stage with lora, ia3 or full",
+            ".publish"),
+        cel(f"!has(self.publish) || !has(self.publish.runtime) || self.publish.runtime != 'vllm' || "
+            f"!({last}.type in {_cel_list(_NOT_VLLM)})",
+            f"vLLM serves causal LMs only, not what {_spoken(_NOT_VLLM, 'or')} stages train: set "
+            "spec.publish.runtime kubetune (or leave it unset)", ".publish"),
     )
 
 

@@ -30,7 +30,7 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "preference": (("prompt", "chosen", "rejected"), ()),
     "unpairedPreference": (("prompt", "completion", "label"), ()),
     "imageLabel": (("image", "label"), ()),
-    "imageCaption": (("image", "caption"), ()),
+    "imageCaption": (("image", "caption"), ("label",)),  # label: the class, for zero-shot accuracy
     "audioTranscript": (("audio", "text"), ()),
     "audio": (("audio",), ()),
 }

@@ -1,7 +1,8 @@
 """ModelAdapter (kubetune.io/v1alpha1, short name `adapter`): a trained artifact to serve.
 
-The operator renders it into a KServe InferenceService; LoRA adapters on the same base model
-can share one vLLM server (`--enable-lora` with several `--lora-modules`).
+The operator renders it into a KServe InferenceService; adapters on the same base model can
+share one server: vLLM's (`--enable-lora` with several `--lora-modules`) for LoRA, or
+kubetune-serve's (`--adapter NAME=DIR`) for every kind of adapter.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from kubetune.api.meta import URI_PATTERN, Condition, KubeModel, ObjectMeta, cel
 
 
 class Serving(KubeModel):
-    runtime: Literal["vllm"] = Field(default="vllm", description="Serving runtime (KServe huggingface format, vLLM backend).")
+    runtime: Literal["vllm", "kubetune"] = Field(
+        default="vllm",
+        description="Serving runtime: vllm (KServe's huggingface runtime, vLLM backend: causal LMs, LoRA adapters, "
+                    "GPUs) or kubetune (the kubetune-serve ServingRuntime: every model kubetune trains, on CPU or GPU).",
+    )
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs of the serving pod.")
     replicas: int = Field(default=1, ge=0, le=100, description="Minimum replicas of the InferenceService.")
     share_server: bool = Field(
         default=True, description="Serve this adapter from the InferenceService of its base model with the other adapters."
     )
-    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest LoRA rank the shared server accepts.")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest LoRA rank the shared vLLM server accepts.")
 
 
 class ModelAdapterSpec(KubeModel, json_schema_extra=rules(
@@ -30,7 +35,10 @@ class ModelAdapterSpec(KubeModel, json_schema_extra=rules(
     base_model_uri: str | None = Field(
         default=None, pattern=URI_PATTERN, max_length=2048, description="The base model the adapter was trained on."
     )
-    adapter_uri: str | None = Field(default=None, pattern=URI_PATTERN, max_length=2048, description="A PEFT LoRA adapter.")
+    adapter_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="An adapter (a stage's output folder): LoRA for vllm; any PEFT method or bottleneck adapters for kubetune.",
+    )
     merged_uri: str | None = Field(default=None, pattern=URI_PATTERN, max_length=2048, description="A whole model with weights merged.")
     served_model_name: str | None = Field(
         default=None, max_length=253, description="Name clients use in requests (default: the ModelAdapter's name)."

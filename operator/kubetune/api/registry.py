@@ -166,6 +166,12 @@ class GrpoSpec(KubeModel, json_schema_extra=rules(
                     "(Dr. GRPO: a constant normaliser), dapo (over all tokens of the batch; TRL's default).",
     )
     temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature of the completions.")
+    num_iterations: int = Field(
+        default=1, ge=1, le=16,
+        description="Policy updates per batch of samples (GRPO's mu): each generation is reused this many times, "
+                    "the ratio to the sampling policy clipped by epsilon.",
+    )
+    epsilon: float = Field(default=0.2, gt=0, le=1, description="Clip range of the policy ratio (PPO's epsilon).")
 
 
 class ImageClassificationSpec(KubeModel):
@@ -180,6 +186,26 @@ class ImageClassificationSpec(KubeModel):
         default=0.08, gt=0, le=1,
         description="Random resized crop: the smallest share of the image area a training crop keeps "
                     "(torchvision's default 0.08; 1 keeps the whole image).",
+    )
+
+
+class ClipSpec(KubeModel):
+    """How training images are augmented, and the prompts of zero-shot classification."""
+
+    prompt_template: str = Field(
+        default="a photo of a {label}", min_length=1, max_length=256, pattern=r"\{label\}",
+        description="Zero-shot classification (when the rows carry a label): the caption each class name is put "
+                    "into, {label} standing for the name (the CLIP paper's prompt by default).",
+    )
+    horizontal_flip: bool = Field(
+        default=False,
+        description="Mirror training images left-right at random; off by default, since captions may say left "
+                    "or right.",
+    )
+    crop_scale: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Random resized crop: the smallest share of the image area a training crop keeps (OpenCLIP's "
+                    "0.9; 1 keeps the whole image).",
     )
 
 
@@ -209,6 +235,7 @@ class StageTypeInfo:
     reward: RewardSource = "none"
     implemented: bool = True  # the trainer has its recipe; otherwise refused as "not implemented yet"
     from_scratch: bool = False  # may be a job's first stage on a model built from spec.model.init
+    architectures: tuple[str, ...] = ()  # the model.init architectures it builds from scratch (empty: its modality's)
     recipe: str = ""  # module under kubetune_trainer.recipes; default: the name in snake_case
 
     def __post_init__(self) -> None:
@@ -216,6 +243,14 @@ class StageTypeInfo:
             object.__setattr__(self, "recipe", snake_case(self.name))
         if self.block is not None and not self.block_help:
             object.__setattr__(self, "block_help", f"Settings of {self.name} stages.")
+
+    def builds(self, architecture: str) -> bool:
+        """Whether a job's first stage of this type can start from a model.init of `architecture`."""
+        if not self.from_scratch:
+            return False
+        if self.architectures:
+            return architecture in self.architectures
+        return ARCHITECTURES.get(architecture) == self.modality
 
 
 _TEXT_CHAT = ("text", "promptCompletion", "messages")
@@ -235,9 +270,10 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
     StageTypeInfo("grpo", ("promptCompletion", "messages"), "text", "causalLM", (1e-6, 1e-5), "exactMatch", "vllm",
                   block=GrpoSpec, reference_model=True, reward="modelOrFunctions"),
     StageTypeInfo("imageClassification", ("imageLabel",), "image", "imageClassification", (5e-5, 5e-4), "accuracy",
-                  "kubetune", block=ImageClassificationSpec, from_scratch=True),
-    StageTypeInfo("clip", ("imageCaption",), "image", "contrastiveImageText", (1e-5, 1e-4), "retrievalAccuracy",
-                  "kubetune", implemented=False),
+                  "kubetune", block=ImageClassificationSpec, from_scratch=True,
+                  architectures=("vit", "convnext", "resnet")),
+    StageTypeInfo("clip", ("imageCaption",), "image", "contrastiveImageText", (1e-5, 1e-4), "textToImageRecallAt1",
+                  "kubetune", block=ClipSpec, from_scratch=True, architectures=("clip",)),
     StageTypeInfo("diffusion", ("imageCaption",), "image", "diffusionUNet", (1e-5, 1e-4), "evalLoss", "kubetune",
                   implemented=False),
     StageTypeInfo("asr", ("audioTranscript",), "audio", "speechSeq2Seq", (1e-5, 1e-4), "wordErrorRate", "kubetune",
@@ -249,6 +285,7 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
 # Architectures `spec.model.init` can build, and their modality (the speech stages add theirs).
 ARCHITECTURES: dict[str, Modality] = {
     "llama": "text", "qwen2": "text", "gpt2": "text", "vit": "image", "convnext": "image", "resnet": "image",
+    "clip": "image",  # a vision and a text tower (CLIPModel); its tokenizer is trained on the captions
 }
 
 # --- tuning methods -------------------------------------------------------------------------

@@ -161,8 +161,10 @@ def render_stage_run(
     blocks = {t.name: getattr(stage, t.name) for t in registry.with_blocks() if getattr(stage, t.name) is not None}
     method = registry.tuning_method(stage.tuning.method)
     publishing = spec.publish is not None and spec.publish.enabled
-    # Merged weights for the next stage, when asked for, and when publishing what vLLM cannot serve as an adapter (ia3).
-    merge = method.mergeable and (not last or spec.output.merge or (publishing and not method.vllm_adapter))
+    # Merged weights for the next stage, when asked for, and when publishing what vLLM cannot serve as an adapter
+    # (ia3; and any adapter of a model vLLM does not serve: kubetune-serve serves those merged).
+    merge = method.mergeable and (not last or spec.output.merge
+                                  or (publishing and (not method.vllm_adapter or info.serving != "vllm")))
     return StageRun(
         job=job.metadata.name,
         namespace=job.metadata.namespace,

@@ -183,9 +183,8 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
                     f"{p}.tuning.method",
                     "a model built from spec.model.init has no trained weights to freeze; use tuning.method: full",
                 ))
-            modality = registry.ARCHITECTURES[spec.model.init.architecture]
-            if not info.from_scratch or info.modality != modality:
-                starters = [t.name for t in registry.STAGE_TYPES.values() if t.from_scratch and t.modality == modality]
+            if not info.builds(spec.model.init.architecture):
+                starters = [t.name for t in registry.STAGE_TYPES.values() if t.builds(spec.model.init.architecture)]
                 out.append(Problem(
                     f"{p}.type",
                     f"a model built from spec.model.init ({spec.model.init.architecture}) starts from random weights; "

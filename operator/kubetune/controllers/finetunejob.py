@@ -42,6 +42,7 @@ from kubetune.controllers.pipeline import (
     job_conditions,
     observe_stages,
     progress,
+    publish_runtime,
     seconds_between,
 )
 
@@ -322,7 +323,9 @@ def publish(body: dict[str, Any], job: FineTuneJob, output_base: str) -> str | N
     if created:
         log.info("Created ModelAdapter name=%s namespace=%s finetunejob=%s", name, body["metadata"]["namespace"],
                  job.metadata.name)
-        common.event(body, r.EVENT_PUBLISHED, f"Created ModelAdapter {name} to serve the result.")
+        runtime, why = publish_runtime(job)
+        common.event(body, r.EVENT_PUBLISHED, f"Created ModelAdapter {name} to serve the result with the {runtime} "
+                     f"runtime" + (f": {why}." if why else "."))
     return name
 
 

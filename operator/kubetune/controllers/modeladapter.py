@@ -125,7 +125,8 @@ def _members(namespace: str, adapter: ModelAdapter, body: dict[str, Any] | None 
         if other["metadata"].get("deletionTimestamp"):
             continue
         model = _model(other)
-        if kserve.is_shared(model) and model.spec.base_model_uri == adapter.spec.base_model_uri:
+        if (kserve.is_shared(model) and model.spec.base_model_uri == adapter.spec.base_model_uri
+                and model.spec.serving.runtime == adapter.spec.serving.runtime):
             out.append((model, other))
     return out
 

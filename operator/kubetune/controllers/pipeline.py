@@ -274,9 +274,25 @@ def failure_detail(pods: list[dict[str, Any]]) -> str:
     return "; ".join(parts[:2])
 
 
+def publish_runtime(job: FineTuneJob) -> tuple[str, str]:
+    """(serving runtime, why kubetune was picked) for the job's result: spec.publish.runtime when
+    set; otherwise vllm where vLLM can serve it, and kubetune (with the reason, a sentence) where not."""
+    publish, last = job.spec.publish, job.spec.stages[-1]
+    if publish is None or publish.runtime is not None:
+        return (publish.runtime if publish is not None and publish.runtime else "vllm"), ""
+    info, method = registry.get(last.type), registry.tuning_method(last.tuning.method)
+    if info.serving != "vllm":
+        return "kubetune", f"vLLM serves causal LMs only, and stage {last.name} trains a {info.head} model"
+    if method.adapter and not method.mergeable:
+        return "kubetune", f"vLLM cannot load the {method.name} adapter of stage {last.name}, which is not merged"
+    if publish.gpus == 0:
+        return "kubetune", "spec.publish.gpus is 0 and vLLM's runtime needs a GPU"
+    return "vllm", ""
+
+
 def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
-    """The ModelAdapter spec that serves a succeeded job: the last stage's LoRA adapter on the
-    model that stage started from, or the whole (merged) model."""
+    """The ModelAdapter spec that serves a succeeded job: the last stage's adapter on the model
+    that stage started from (LoRA, or one that cannot be merged), or the whole (merged) model."""
     stages = job.spec.stages
     last = stages[-1]
     source = input_stage(job, len(stages) - 1)
@@ -284,7 +300,11 @@ def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
     publish = job.spec.publish
     serving: dict[str, Any] = {}
     if publish is not None:
-        serving = {"runtime": publish.runtime, "gpus": publish.gpus, "shareServer": publish.share_server}
-    if registry.tuning_method(last.tuning.method).vllm_adapter and not job.spec.output.merge and base:
+        serving = {"runtime": publish_runtime(job)[0], "gpus": publish.gpus, "shareServer": publish.share_server}
+    method = registry.tuning_method(last.tuning.method)
+    kept_apart = method.adapter and not method.mergeable  # no merged weights: served as an adapter on its base
+    # LoRA on a model vLLM serves stays an adapter (vLLM and kubetune-serve load it); other models are merged
+    vllm_lora = method.vllm_adapter and registry.get(last.type).serving == "vllm" and not job.spec.output.merge
+    if base and (kept_apart or vllm_lora):
         return {"baseModelUri": base, "adapterUri": stage_output_uri(output_base, last), "serving": serving}
     return {"mergedUri": stage_model_uri(output_base, last), "serving": serving}

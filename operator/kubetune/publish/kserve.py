@@ -1,10 +1,19 @@
-"""ModelAdapters as KServe InferenceServices (serving.kserve.io/v1beta1, huggingface + vLLM).
+"""ModelAdapters as KServe InferenceServices (serving.kserve.io/v1beta1): huggingface + vLLM, or kubetune-serve.
 
 - A merged model (`mergedUri`) gets its own InferenceService, named after the ModelAdapter.
-- LoRA adapters (`adapterUri`) on the same base model share one InferenceService (when
+- Adapters (`adapterUri`) on the same base model share one InferenceService (when
   `serving.shareServer`): the base model is the storageUri, each adapter a vLLM LoRA module
-  (`--enable-lora --lora-modules name=path ...`), and clients pick one with `"model": <name>`.
-  The shared server is named after the base model and owned by every adapter it serves.
+  (`--enable-lora --lora-modules name=path ...`) or a kubetune-serve adapter
+  (`--adapter name=path ...`), and clients pick one with `"model": <name>`.
+  The shared server is named after the base model (and the runtime, for kubetune) and owned by
+  every adapter it serves.
+
+Runtime `kubetune` renders a predictor of model format `kubetune` on the ServingRuntime
+`kubetune-serve` (a ClusterServingRuntime the cluster admin installs with the serving image, as
+KServe ships its own runtimes), not a custom container: that is how a KServe user picks a model
+server, the runtime's image and resources are set once per cluster rather than by the operator,
+and KServe's storage-initializer fetches `storageUri` to /mnt/models as for every runtime.
+kubetune-serve takes KServe's `--model_name` and reads /mnt/models by default.
 
 Where adapters come from inside the serving pod: pvc:// is mounted read-only at
 /mnt/pvc/<claim>; s3:// is fetched by KServe's storage-initializer into /mnt/adapters/<name>;
@@ -28,6 +37,8 @@ LABEL_BASE_MODEL = f"{KUBETUNE_GROUP}/base-model"
 LABEL_ADAPTER = f"{KUBETUNE_GROUP}/modeladapter"
 STORAGE_INITIALIZER = "kserve/storage-initializer:v0.15.2"
 ADAPTER_DIR = "/mnt/adapters"
+KUBETUNE_RUNTIME = "kubetune-serve"  # the ServingRuntime / ClusterServingRuntime of kubetune-serve
+KUBETUNE_FORMAT = "kubetune"  # the model format it declares
 
 
 def served_name(adapter: ModelAdapter) -> str:
@@ -48,7 +59,9 @@ def service_name(adapter: ModelAdapter) -> str:
     if is_shared(adapter):
         base = adapter.spec.base_model_uri or ""
         slug = re.sub(r"[^a-z0-9]+", "-", base.split("://", 1)[-1].lower()).strip("-")[-30:].strip("-") or "base"
-        return child_name(f"{slug}-{short_hash(base, 6)}", max_length=MAX_NAME)
+        runtime = adapter.spec.serving.runtime
+        key = base if runtime == "vllm" else f"{base}#{runtime}"  # one shared server per base and runtime
+        return child_name(f"{slug}-{short_hash(key, 6)}", max_length=MAX_NAME)
     return child_name(adapter.metadata.name, max_length=MAX_NAME)
 
 
@@ -88,14 +101,17 @@ def render(name: str, namespace: str, adapters: list[ModelAdapter], storage_secr
     adapters = sorted(adapters, key=lambda a: a.metadata.name)
     first = adapters[0]
     merged = first.spec.merged_uri is not None
+    kubetune = first.spec.serving.runtime == "kubetune"
     labels = {LABEL_MANAGED_BY: MANAGED_BY}
     model: dict[str, Any] = {"modelFormat": {"name": "huggingface"}}
+    if kubetune:
+        model = {"modelFormat": {"name": KUBETUNE_FORMAT}, "runtime": KUBETUNE_RUNTIME}
     predictor: dict[str, Any] = {"minReplicas": max(a.spec.serving.replicas for a in adapters), "model": model}
     gpus = max(a.spec.serving.gpus for a in adapters)
     if merged:
         labels[LABEL_ADAPTER] = first.metadata.name
         model["storageUri"] = first.spec.merged_uri
-        model["args"] = [f"--model_name={served_name(first)}", "--backend=vllm"]
+        model["args"] = [f"--model_name={served_name(first)}"] + ([] if kubetune else ["--backend=vllm"])
     else:
         base = first.spec.base_model_uri or ""
         labels[LABEL_BASE_MODEL] = base_key(base)
@@ -107,7 +123,7 @@ def render(name: str, namespace: str, adapters: list[ModelAdapter], storage_secr
             if init:
                 inits.append(init)
         rank = max(a.spec.serving.max_lora_rank for a in adapters)
-        model["args"] = [
+        model["args"] = [f"--model_name={name}", *(f"--adapter={m}" for m in modules)] if kubetune else [
             f"--model_name={name}", "--backend=vllm", "--enable-lora", f"--max-lora-rank={rank}",
             f"--max-loras={len(modules)}", "--lora-modules", *modules,
         ]

@@ -7,7 +7,8 @@
     preference          {"prompt": str, "chosen": str, "rejected": str}
     unpairedPreference  {"prompt": str, "completion": str, "label": bool}
     imageLabel          {"image": path or {bytes|path}, "label": str or int}
-    imageCaption        {"image": path or {bytes|path}, "caption": str}
+    imageCaption        {"image": path or {bytes|path}, "caption": str, "label": str or int (optional: the
+                         class, for zero-shot accuracy)}
     audioTranscript     {"audio": path or {bytes|path|array}, "text": str}
     audio               {"audio": path or {bytes|path|array}}
 
@@ -294,7 +295,7 @@ _CHECKS: dict[str, tuple[Callable[[dict[str, Any]], Problems], tuple[str, ...]]]
     "preference": (_check_preference, ("prompt", "chosen", "rejected")),
     "unpairedPreference": (_check_unpaired, ("prompt", "completion")),
     "imageLabel": (lambda r: _media(r, "image", ("bytes", "path")) + _label(r), ()),
-    "imageCaption": (lambda r: _media(r, "image", ("bytes", "path")) + _text(r, "caption"), ("caption",)),
+    "imageCaption": (lambda r: _media(r, "image", ("bytes", "path")) + _text(r, "caption") + _label(r), ("caption",)),
     "audioTranscript": (lambda r: _media(r, "audio", ("bytes", "path", "array")) + _text(r, "text"), ("text",)),
     "audio": (lambda r: _media(r, "audio", ("bytes", "path", "array")), ()),
 }

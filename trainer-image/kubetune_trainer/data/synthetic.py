@@ -37,6 +37,8 @@ Files written under DIR (format in brackets):
     kto/{train,validation}.jsonl             [unpairedPreference] label true when correct
     digits/{train,validation}/<digit>/*.png  [imageLabel] ImageFolder, and the same rows as
     digits/{train,validation}.jsonl          JSONL (see synthetic_images.py)
+    shapes/{train,validation}.jsonl          [imageCaption] captioned shapes ("a red circle on the
+    shapes/{train,validation}/*.png          left", label "circle"; see synthetic_images.py)
 """
 
 from __future__ import annotations
@@ -319,18 +321,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_trainer.data.synthetic",
         description="Write kubetune's synthetic pretraining corpus and letter-puzzle data sets as JSONL, and the "
-                    "digit images.",
+                    "digit and captioned shape images.",
     )
     parser.add_argument("--out", required=True, help="Folder to write into (created if missing).")
     parser.add_argument("--seed", type=int, default=0, help="Seed; the same seed writes the same files.")
     parser.add_argument("--train", type=int, default=2000, help="Training rows per file.")
     parser.add_argument("--validation", type=int, default=200, help="Held-out rows per file.")
-    parser.add_argument("--image-size", type=int, default=32, help="Side in pixels of the digit images.")
+    parser.add_argument("--image-size", type=int, default=32, help="Side in pixels of the digit and shape images.")
     args = parser.parse_args(argv)
-    from kubetune_trainer.data.synthetic_images import make_digits
+    from kubetune_trainer.data.synthetic_images import make_digits, make_shapes
 
     paths = make_all(args.out, seed=args.seed, n_train=args.train, n_val=args.validation)
     paths.update(make_digits(args.out, seed=args.seed, size=args.image_size))
+    paths.update(make_shapes(args.out, seed=args.seed, size=args.image_size))
     for key, path in paths.items():
         print(f"Wrote {key} path={path}")
     return 0

@@ -160,6 +160,8 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         beta=spec.beta,
         loss_type=spec.loss_type,
         temperature=spec.temperature,
+        num_iterations=spec.num_iterations,
+        epsilon=spec.epsilon,
         use_vllm=use_vllm,
         vllm_mode="colocate",
     )

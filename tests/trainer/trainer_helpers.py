@@ -102,3 +102,31 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+# --- image files for the data tests ---------------------------------------------------------
+
+
+def png(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 6) -> Path:
+    """A small one-colour PNG at `path` (folders made)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path)
+    return path
+
+
+def png_bytes(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 5), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jsonl(path: Path, rows: list[Any]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+

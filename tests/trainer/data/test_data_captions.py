@@ -4,36 +4,17 @@ labelled, new draws in the held-out split and the same for a seed."""
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from kubetune_trainer.data import DataError, load_rows, validate
 from kubetune_trainer.data.cli import validate_main
 from kubetune_trainer.data.images import open_image
-
-
-def png(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (6, 6), colour).save(path)
-    return path
-
-
-def png_bytes(colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (5, 5), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jsonl(path: Path, rows: list[Any]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from trainer_helpers import jsonl, png, png_bytes
 
 
 def test_every_bad_image_caption_and_label_is_caught_on_its_line(tmp_path: Path) -> None:

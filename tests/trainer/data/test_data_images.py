@@ -3,36 +3,17 @@ or label is reported with its line (and the file it names); the generated digits
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from kubetune_trainer.data import DataError, load_rows, validate
 from kubetune_trainer.data.cli import validate_main
 from kubetune_trainer.data.images import class_names, open_image
-
-
-def png(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 6) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), colour).save(path)
-    return path
-
-
-def png_bytes(colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (5, 5), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jsonl(path: Path, rows: list[Any]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from trainer_helpers import jsonl, png, png_bytes
 
 
 def errors(uri: str, held_out: bool = False) -> dict[int, list[str]]:

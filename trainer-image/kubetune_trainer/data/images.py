@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +188,23 @@ def class_names(labels: Sequence[Any]) -> list[str]:
         return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
     return sorted({str(v) for v in labels}, key=order)
+
+
+class ImageRows:
+    """A map-style dataset of rows with their image opened: {"image": PIL image (augmented when
+    `augment` is given), **fields(row)}, e.g. fields=lambda r: {"caption": r["caption"]}."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], fields: Callable[[dict[str, Any]], dict[str, Any]],
+                 augment: Callable[[Any], Any] | None = None) -> None:
+        self.rows, self.fields, self.augment = rows, fields, augment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        image = open_image(row["image"])
+        if self.augment is not None:
+            image = self.augment(image)
+        return {"image": image, **self.fields(row)}
+

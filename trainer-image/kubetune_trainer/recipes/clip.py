@@ -59,21 +59,8 @@ MAX_CAPTION_TOKENS = 77  # CLIP's context length: the text tower's positions whe
 # --- data ---------------------------------------------------------------------------------
 
 
-class CaptionRows(torch.utils.data.Dataset[dict[str, Any]]):
-    """Rows as {"image": PIL image (augmented when `augment` is given), "caption": str}."""
-
-    def __init__(self, rows: list[dict[str, Any]], augment: Any = None) -> None:
-        self.rows, self.augment = rows, augment
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[i]
-        image = images.open_image(row["image"])
-        if self.augment is not None:
-            image = self.augment(image)
-        return {"image": image, "caption": row["caption"]}
+def caption_of(row: dict[str, Any]) -> dict[str, Any]:
+    return {"caption": row["caption"]}
 
 
 class Collate:
@@ -327,8 +314,8 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     trainer = ContrastiveTrainer(
         model=model,
         args=args,
-        train_dataset=CaptionRows(rows, augmentation(processor, spec)),
-        eval_dataset=CaptionRows(held_out) if args.eval_strategy != "no" else None,
+        train_dataset=images.ImageRows(rows, caption_of, augmentation(processor, spec)),
+        eval_dataset=images.ImageRows(held_out, caption_of) if args.eval_strategy != "no" else None,
         data_collator=Collate(processor, max_tokens(model)),
         processing_class=processor,
         callbacks=ctx.callbacks,

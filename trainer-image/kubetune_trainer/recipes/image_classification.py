@@ -57,21 +57,9 @@ HEAD = "classifier"  # the head of transformers' image classifiers
 # --- data ---------------------------------------------------------------------------------
 
 
-class ImageRows(torch.utils.data.Dataset[dict[str, Any]]):
-    """Rows as {"image": PIL image (augmented when `augment` is given), "label": class id}."""
-
-    def __init__(self, rows: list[dict[str, Any]], label2id: dict[str, int], augment: Any = None) -> None:
-        self.rows, self.label2id, self.augment = rows, label2id, augment
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[i]
-        image = images.open_image(row["image"])
-        if self.augment is not None:
-            image = self.augment(image)
-        return {"image": image, "label": self.label2id[str(row["label"])]}
+def label_ids(label2id: dict[str, int]) -> Any:
+    """The row's class id, for images.ImageRows."""
+    return lambda row: {"label": label2id[str(row["label"])]}
 
 
 class Collate:
@@ -362,8 +350,8 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=ImageRows(rows, label2id, augmentation(processor, spec)),
-        eval_dataset=ImageRows(held_out, label2id) if args.eval_strategy != "no" else None,
+        train_dataset=images.ImageRows(rows, label_ids(label2id), augmentation(processor, spec)),
+        eval_dataset=images.ImageRows(held_out, label_ids(label2id)) if args.eval_strategy != "no" else None,
         data_collator=Collate(processor),
         processing_class=processor,
         callbacks=ctx.callbacks,

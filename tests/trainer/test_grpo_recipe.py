@@ -1,6 +1,6 @@
 """GRPO: the built-in rewards on hand-made answers, and the learning proof: from an SFT model
 stopped early (partly right on held-out prompts), GRPO with the exact-match reward raises
-held-out exact match by at least 0.10 (measured: +0.14)."""
+held-out exact match by at least 0.15 (measured: +0.155, 0.29 -> 0.445)."""
 
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def test_grpo_raises_exact_match_from_a_partly_right_sft_model(
     assert 0.2 <= start <= 0.7, f"the SFT model should be partly right to start GRPO from, got {start}"
     run = trainer.stage_run(
         "grpo", "grpo", "promptCompletion", "sft", model=early_sft[0], referenceModelUri=str(early_sft[0]),
-        hp={"maxSteps": 800, "batchSize": 128, "learningRate": 1e-3, "lrSchedulerType": "constant_with_warmup",
-            "warmupRatio": 0.05, "loggingSteps": 20, "saveSteps": 400},
-        grpo={"numGenerations": 8, "maxCompletionLength": 8, "beta": 0.04, "temperature": 0.5,
+        hp={"maxSteps": 1000, "batchSize": 256, "learningRate": 1e-3, "lrSchedulerType": "constant_with_warmup",
+            "warmupRatio": 0.05, "loggingSteps": 20, "saveSteps": 500},
+        grpo={"numGenerations": 16, "maxCompletionLength": 8, "beta": 0.04, "temperature": 0.5,
               "rewardFunctions": ["exactMatch"]},
     )
     metrics = trainer.train(run)
@@ -76,9 +76,10 @@ def test_grpo_raises_exact_match_from_a_partly_right_sft_model(
     print(f"grpo rl figures: {metrics['rl']}")
     assert metrics["primary"] == "exactMatch"
     assert metrics["before"]["exactMatch"] == pytest.approx(start, abs=1e-9)
-    # measured +0.14 (0.29 -> 0.43) with this budget; the issue asks 0.15, reached only with 16 samples per
-    # prompt, 16 prompts a step and 1000 steps (+0.155, about 7 minutes here): see the stage notes
-    assert metrics["after"]["exactMatch"] - metrics["before"]["exactMatch"] >= 0.10
+    # 16 prompts a step, 16 samples each, 1000 steps: +0.155 (0.29 -> 0.445), about 5 minutes on 2 CPU cores.
+    # Smaller budgets plateau lower: 8 samples and 800 steps +0.14, 1200 steps +0.13; reusing each batch of
+    # samples twice (numIterations 2) +0.10 at 800 and 1200 steps.
+    assert metrics["after"]["exactMatch"] - metrics["before"]["exactMatch"] >= 0.15
     rl = metrics["rl"]
     assert rl["rewardLast"] > rl["rewardFirst"]
     assert 0.0 <= rl["klLast"] < 1.0  # the policy stayed near the reference

@@ -231,7 +231,7 @@ CEL_REFUSES = [
     "adapter-both-uris", "adapter-without-base", "dataset-missing-format", "dataset-uri-and-ref", "dpo-block-on-sft",
     "duplicate-stage-names", "format-does-not-suit-type", "lora-with-full", "model-neither-uri-nor-init",
     "model-uri-and-init", "offload-without-zero", "preference-ref-on-sft", "tokenizer-neither",
-    "prompt-tuning-on-dpo", "adapter-before-another-stage", "publish-prefix-tuning", "ia3-feedforward-not-targeted",
+    "prompt-tuning-on-dpo", "publish-prefix-tuning", "ia3-feedforward-not-targeted",
     "prompt-block-with-lora", "vit-image-size-not-patches", "convnext-too-many-stages", "publish-image-classifier",
     "clip-image-size-not-patches",
 ]

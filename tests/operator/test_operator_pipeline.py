@@ -225,6 +225,42 @@ def test_a_lora_pipeline_publishes_its_last_adapter_on_the_previous_stages_merge
     assert adapter_spec(merged, OUT)["mergedUri"] == f"{OUT}/dpo/merged"
 
 
+def test_a_published_ia3_stage_is_merged_and_served_whole() -> None:
+    """vLLM serves LoRA adapters, not IA3 ones: the last stage writes merged weights, which are published."""
+    body = pipeline(publish={})
+    body["spec"]["stages"][2]["tuning"] = {"method": "ia3"}
+    job = FineTuneJob.model_validate(body)
+
+    assert check(body)[1] == []
+    assert adapter_spec(job, OUT)["mergedUri"] == f"{OUT}/dpo/merged"
+    assert render_stage_run(job, 2, OUT).merge
+    unpublished = FineTuneJob.model_validate(pipeline())
+    unpublished.spec.stages[2].tuning.method = "ia3"
+    assert not render_stage_run(unpublished, 2, OUT).merge  # nothing asks for merged weights
+
+
+def test_a_stage_after_an_unmergeable_adapter_keeps_training_it_on_the_same_base() -> None:
+    body = pipeline()
+    body["spec"]["stages"] = [
+        {"name": "sft", "type": "sft", "dataset": {"uri": "pvc://d/sft.jsonl", "format": "promptCompletion"}},
+        *({"name": n, "type": "sft", "dataset": {"uri": f"pvc://d/{n}.jsonl", "format": "promptCompletion"},
+           "tuning": {"method": "promptTuning"}} for n in ("cue", "cue-more")),
+    ]
+    job = FineTuneJob.model_validate(body)
+
+    assert check(body)[1] == []
+    cue, more = render_stage_run(job, 1, OUT), render_stage_run(job, 2, OUT)
+    assert (cue.model_uri, cue.adapter_uri) == (f"{OUT}/sft", None)
+    assert (more.model_uri, more.adapter_uri) == (f"{OUT}/sft", f"{OUT}/cue")
+    assert not cue.merge and not more.merge
+    assert adapter_spec(job, OUT) | {"serving": {}} == {
+        "baseModelUri": f"{OUT}/sft", "adapterUri": f"{OUT}/cue-more", "serving": {}}
+
+    body["spec"]["stages"][2]["tuning"] = {"method": "lora"}
+    assert any(p.startswith("spec.stages[2].tuning.method: stage cue-more starts from what stage cue trained "
+                            "with tuning.method promptTuning") for p in check(body)[1])
+
+
 def test_the_jobs_by_condition_gauge_counts_each_job_once() -> None:
     metrics.set_job_conditions("ns/a", {"Running", "Accepted"})
     metrics.set_job_conditions("ns/b", {"Running"})

@@ -146,3 +146,28 @@ def test_ia3_dpo_raises_preference_accuracy_with_the_base_as_reference(
     assert metrics["trainableParameters"] == LAYERS * (HIDDEN + HIDDEN + INTERMEDIATE)
     config = json.loads((Path(spec["outputUri"]) / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "steps"), [("promptTuning", 300), ("adapter", 20)])
+def test_a_stage_after_an_unmergeable_method_keeps_training_its_adapter(
+    method: str, steps: int, trainer: Trainer, sft_model: tuple[Path, dict[str, Any]],
+) -> None:
+    """A prompt or a bottleneck adapter cannot be merged into the model, so the next stage starts from
+    base + that adapter (StageRun.adapterUri) and trains it further: it starts where the first ended."""
+    tuning, hp, _, trainable = METHODS[method]
+    sft = sft_model[0]
+    first = trainer.stage_run(f"{method}-1", "sft", "promptCompletion", "sft_cue", model=sft, tuning=tuning,
+                              hp={"batchSize": 32, **hp, "maxSteps": steps})
+    before = trainer.train(first)
+    second = trainer.stage_run(f"{method}-2", "sft", "promptCompletion", "sft_cue", model=sft, tuning=tuning,
+                               hp={"batchSize": 32, **hp, "maxSteps": steps}, adapterUri=first["outputUri"])
+    after = trainer.train(second)
+    report(f"{method}, continued", after)
+
+    assert after["before"]["exactMatch"] == before["after"]["exactMatch"]  # the first stage's adapter, reloaded
+    assert after["after"]["exactMatch"] > after["before"]["exactMatch"]
+    assert after["trainableParameters"] == trainable  # the same adapter, nothing else
+    first_weights, second_weights = weights(Path(first["outputUri"])), weights(Path(second["outputUri"]))
+    assert first_weights.keys() == second_weights.keys()
+    assert any(not torch.equal(first_weights[k], second_weights[k]) for k in first_weights)

@@ -395,7 +395,7 @@ def peft_config(run: StageRun, task_type: str | None = None, trainable_tokens: d
     """
     method, tuning = run.tuning.method, run.tuning
     task_type = task_type or head_of(run).task_type
-    if method in ("full", "adapter"):
+    if method in ("full", "adapter") or run.adapter_uri:  # adapter_uri: add_adapters loads the one to continue
         return None
     if method == "ia3":
         from peft import IA3Config
@@ -440,7 +440,22 @@ def peft_config(run: StageRun, task_type: str | None = None, trainable_tokens: d
 
 
 def add_adapters(model: Any, run: StageRun) -> Any:
-    """Bottleneck adapters on a frozen `model` for tuning.method adapter; the model unchanged otherwise."""
+    """Bottleneck adapters on a frozen `model` for tuning.method adapter, or the previous stage's adapter
+    to keep training (run.adapter_uri: a method whose adapter cannot be merged); the model unchanged otherwise."""
+    if run.adapter_uri:
+        path = storage.local_path(run.adapter_uri)
+        log.info("Continuing adapter uri=%s method=%s", run.adapter_uri, run.tuning.method)
+        if bottleneck.is_adapter(path):
+            return bottleneck.load(model, path)  # the base frozen, the adapters trainable
+        # peft loads prompt-learning adapters for inference only: rebuild this one and put its weights in
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = PeftConfig.from_pretrained(str(path))
+        config.inference_mode = False
+        model = get_peft_model(model, config)
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return generation_ready(model)
     if run.tuning.method != "adapter":
         return model
     return bottleneck.add(model, run.tuning.adapter or AdapterSpec(), run.model_uri)

@@ -470,9 +470,6 @@ def _spec_rules() -> dict[str, Any]:
     kept = _cel_list(_KEPT_APART)
     last = "self.stages[size(self.stages) - 1]"
     return rules(
-        cel(f"self.stages.all(s, !has(s.tuning) || !(s.tuning.method in {kept}) || s.name == {last}.name)",
-            f"a stage tuned with {_spoken(_KEPT_APART, 'or')} keeps its adapter apart from the model (it cannot be "
-            "merged), so no later stage can start from it: make it the last stage, or use lora or ia3", ".stages"),
         cel(f"!has(self.publish) || !has(self.publish.runtime) || self.publish.runtime != 'vllm' || "
             f"!has({last}.tuning) || !({last}.tuning.method in {kept})",
             f"vLLM serves whole models and LoRA adapters only, not what {_spoken(_KEPT_APART, 'or')} train: "

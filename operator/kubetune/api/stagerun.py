@@ -53,6 +53,11 @@ class StageRunBase(KubeModel):
     index: int = Field(description="0-based position of the stage in the pipeline.")
     stage_count: int = Field(description="Stages in the pipeline.")
     model_uri: str | None = Field(default=None, description="Model the stage starts from (the previous stage's output).")
+    adapter_uri: str | None = Field(
+        default=None,
+        description="An adapter the stage keeps training on modelUri: the previous stage's, when its method cannot be "
+                    "merged (promptTuning, prefixTuning, adapter).",
+    )
     model_init: ModelInit | None = Field(default=None, description="Build a model from scratch (first stage only).")
     reference_model_uri: str | None = Field(
         default=None, description="Frozen reference model (stage types whose registry entry has one: dpo, kto, ppo, grpo)."
@@ -100,6 +105,24 @@ def stage_model_uri(output_base: str, stage: Stage) -> str:
     return out if stage.tuning.method == "full" else f"{out}/merged"
 
 
+def kept_apart(stage: Stage) -> bool:
+    """The stage writes an adapter that cannot be merged into its base (prompt/prefix tuning, bottleneck adapters)."""
+    method = registry.tuning_method(stage.tuning.method)
+    return method.adapter and not method.mergeable
+
+
+def start_of(job: FineTuneJob, index: int, output_base: str) -> tuple[str | None, str | None]:
+    """(model, adapter) stage `index` starts from: the input stage's model, or, after a stage whose
+    adapter cannot be merged, the model that stage started from plus its adapter (kept training)."""
+    source = input_stage(job, index)
+    if source is None:
+        return job.spec.model.uri, None
+    if kept_apart(source):
+        base, _ = start_of(job, job.spec.stages.index(source), output_base)
+        return base, stage_output_uri(output_base, source)
+    return stage_model_uri(output_base, source), None
+
+
 def input_stage(job: FineTuneJob, index: int) -> Stage | None:
     """The stage whose output stage `index` starts from; None: spec.model.
 
@@ -141,13 +164,8 @@ def render_stage_run(
     """
     spec = job.spec
     stage = spec.stages[index]
-    source = input_stage(job, index)
-    if index == 0:
-        model_uri, model_init = spec.model.uri, spec.model.init
-    elif source is None:
-        model_uri, model_init = spec.model.uri, None
-    else:
-        model_uri, model_init = stage_model_uri(output_base, source), None
+    model_uri, adapter_uri = start_of(job, index, output_base)
+    model_init = spec.model.init if index == 0 else None
     last = index == len(spec.stages) - 1
     if dataset is None:
         d = stage.dataset
@@ -173,6 +191,7 @@ def render_stage_run(
         index=index,
         stage_count=len(spec.stages),
         model_uri=model_uri,
+        adapter_uri=adapter_uri,
         model_init=model_init,
         reference_model_uri=model_uri if info.reference_model else None,
         reward_model_uri=reward_model_uri(job, index, output_base),

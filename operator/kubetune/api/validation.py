@@ -26,6 +26,7 @@ from kubetune.api.formats import FORMAT_FIELDS, fields
 from kubetune.api.meta import API_VERSION
 from kubetune.api.modeladapter import ModelAdapter
 from kubetune.api.preferencedataset import PreferenceDataset
+from kubetune.api.stagerun import input_stage, kept_apart
 
 KINDS: dict[str, type[BaseModel]] = {
     "FineTuneJob": FineTuneJob,
@@ -190,6 +191,14 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
                     f"a model built from spec.model.init ({spec.model.init.architecture}) starts from random weights; "
                     f"make the first stage {_article(' or '.join(starters) or 'other')} stage",
                 ))
+        source = input_stage(obj, i)
+        if source is not None and kept_apart(source) and stage.tuning.method != source.tuning.method:
+            out.append(Problem(
+                f"{p}.tuning.method",
+                f"stage {stage.name} starts from what stage {source.name} trained with tuning.method "
+                f"{source.tuning.method}, which cannot be merged into the model, so it keeps training it: use "
+                f"tuning.method {source.tuning.method} here, or tune stage {source.name} with lora or ia3",
+            ))
         if stage.dataset.format:
             out += _columns_problems(f"{p}.dataset", stage.dataset.columns, fields(stage.dataset.format))
         if stage.tuning.method == "qlora" and stage.resources.gpus_per_node == 0:

@@ -20,7 +20,7 @@ from kubetune.api import reasons as r
 from kubetune.api import registry
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.meta import set_condition
-from kubetune.api.stagerun import input_stage, stage_model_uri, stage_output_uri
+from kubetune.api.stagerun import stage_model_uri, stage_output_uri, start_of
 from kubetune.api.validation import semantic_problems
 from kubetune.backends import pod_annotations, pytorchjob
 
@@ -295,8 +295,7 @@ def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
     that stage started from (LoRA, or one that cannot be merged), or the whole (merged) model."""
     stages = job.spec.stages
     last = stages[-1]
-    source = input_stage(job, len(stages) - 1)
-    base = job.spec.model.uri if source is None else stage_model_uri(output_base, source)
+    base, _ = start_of(job, len(stages) - 1, output_base)
     publish = job.spec.publish
     serving: dict[str, Any] = {}
     if publish is not None:

@@ -52,6 +52,16 @@ def figures() -> Iterator[dict[str, tuple[int, float, float]]]:
         print(f"{name:<14} {n:>9}  {before:.3f} -> {after:.3f}")
 
 
+def reloaded_answers(spec: dict[str, Any], sft: Path) -> tuple[float, list[str]]:
+    """Held-out exact match and answers of the stage's output, reloaded the way a user would."""
+    from transformers import AutoTokenizer
+
+    out = Path(spec["outputUri"])
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    rows = [json.loads(line) for line in Path(spec["dataset"]["validationUri"]).read_text().splitlines()]
+    return evals.exact_match(reload(sft, out), tokenizer, evals.prompts_and_references(rows[:200], tokenizer))
+
+
 def reload(sft: Path, out: Path) -> Any:
     """The stage's output loaded the way a user would: the base model, then the adapter."""
     from peft import PeftModel
@@ -68,8 +78,6 @@ def reload(sft: Path, out: Path) -> Any:
 def test_method_trains_its_own_parameters_and_learns_the_cue(
     method: str, trainer: Trainer, sft_model: tuple[Path, dict[str, Any]], figures: dict[str, tuple[int, float, float]],
 ) -> None:
-    from transformers import AutoTokenizer
-
     tuning, hp, margin, trainable = METHODS[method]
     sft = sft_model[0]
     spec = trainer.stage_run(method, "sft", "promptCompletion", "sft_cue", model=sft, tuning=tuning,
@@ -100,10 +108,7 @@ def test_method_trains_its_own_parameters_and_learns_the_cue(
     assert sum(t.numel() for t in saved.values()) == trainable
 
     # reloaded from disk, the same held-out answers
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
-    rows = [json.loads(line) for line in Path(spec["dataset"]["validationUri"]).read_text().splitlines()]
-    pairs = evals.prompts_and_references(rows[:200], tokenizer)
-    accuracy, answers = evals.exact_match(reload(sft, out), tokenizer, pairs)
+    accuracy, answers = reloaded_answers(spec, sft)
     assert accuracy == after
     assert answers[0] == metrics["sample"]["after"]
 
@@ -122,12 +127,7 @@ def test_ia3_merges_into_the_weights_it_rescales(trainer: Trainer, sft_model: tu
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert {k.split(".")[-2] for k in changed} == {"k_proj", "v_proj", "down_proj"}
     # the recipe measured the merged model; the adapter on its base answers the same
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
-    rows = [json.loads(line) for line in Path(spec["dataset"]["validationUri"]).read_text().splitlines()]
-    pairs = evals.prompts_and_references(rows[:200], tokenizer)
-    accuracy, _ = evals.exact_match(reload(sft, out), tokenizer, pairs)
+    accuracy, _ = reloaded_answers(spec, sft)
     assert accuracy == metrics["after"]["exactMatch"]
 
 

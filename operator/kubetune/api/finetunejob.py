@@ -463,7 +463,7 @@ class RunPolicy(KubeModel):
 
 
 _NOT_VLLM = tuple(t.name for t in _STAGE_TYPES if t.serving != "vllm")
-_KEPT_APART = tuple(m.name for m in registry.TUNING_METHODS.values() if m.adapter and not m.mergeable)
+_KEPT_APART = tuple(m.name for m in registry.TUNING_METHODS.values() if m.kept_apart)
 
 
 def _spec_rules() -> dict[str, Any]:

@@ -304,6 +304,12 @@ class TuningMethodInfo:
     stage_types: tuple[str, ...] = ()  # the stage types it suits; empty: every stage type
     learning_rate: float | None = None  # default peak learning rate; None: the stage type's LoRA one
 
+    @property
+    def kept_apart(self) -> bool:
+        """Writes an adapter that cannot be merged into its base: a next stage keeps training it, and it is
+        served as an adapter on that base."""
+        return self.adapter and not self.mergeable
+
 
 TUNING_METHODS: dict[str, TuningMethodInfo] = {m.name: m for m in (
     TuningMethodInfo("full", "train every weight", adapter=False),

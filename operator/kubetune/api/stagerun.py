@@ -107,8 +107,7 @@ def stage_model_uri(output_base: str, stage: Stage) -> str:
 
 def kept_apart(stage: Stage) -> bool:
     """The stage writes an adapter that cannot be merged into its base (prompt/prefix tuning, bottleneck adapters)."""
-    method = registry.tuning_method(stage.tuning.method)
-    return method.adapter and not method.mergeable
+    return registry.tuning_method(stage.tuning.method).kept_apart
 
 
 def start_of(job: FineTuneJob, index: int, output_base: str) -> tuple[str | None, str | None]:

@@ -283,7 +283,7 @@ def publish_runtime(job: FineTuneJob) -> tuple[str, str]:
     info, method = registry.get(last.type), registry.tuning_method(last.tuning.method)
     if info.serving != "vllm":
         return "kubetune", f"vLLM serves causal LMs only, and stage {last.name} trains a {info.head} model"
-    if method.adapter and not method.mergeable:
+    if method.kept_apart:
         return "kubetune", f"vLLM cannot load the {method.name} adapter of stage {last.name}, which is not merged"
     if publish.gpus == 0:
         return "kubetune", "spec.publish.gpus is 0 and vLLM's runtime needs a GPU"
@@ -301,9 +301,8 @@ def adapter_spec(job: FineTuneJob, output_base: str) -> dict[str, Any]:
     if publish is not None:
         serving = {"runtime": publish_runtime(job)[0], "gpus": publish.gpus, "shareServer": publish.share_server}
     method = registry.tuning_method(last.tuning.method)
-    kept_apart = method.adapter and not method.mergeable  # no merged weights: served as an adapter on its base
     # LoRA on a model vLLM serves stays an adapter (vLLM and kubetune-serve load it); other models are merged
     vllm_lora = method.vllm_adapter and registry.get(last.type).serving == "vllm" and not job.spec.output.merge
-    if base and (kept_apart or vllm_lora):
+    if base and (method.kept_apart or vllm_lora):
         return {"baseModelUri": base, "adapterUri": stage_output_uri(output_base, last), "serving": serving}
     return {"mergedUri": stage_model_uri(output_base, last), "serving": serving}

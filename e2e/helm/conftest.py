@@ -1,17 +1,22 @@
 """Fixtures of the Helm chart's end-to-end tests: the chart installed into the local cluster,
 `kubetune operator` run with the chart's flags and the chart's ServiceAccount's token only, and
-a real Prometheus (Debian's) that scrapes it and a trainer.
+a real Prometheus running the configuration that a real prometheus-operator generated from the chart's ServiceMonitor, PodMonitor and PrometheusRule.
 
     .venv/bin/python -m pytest e2e/helm
 
-The chart's Deployment cannot run here (no container runtime, no operator image), so the
-operator runs as a local process: the same command line the Deployment renders, authenticated
-by a kubeconfig holding a TokenRequest token of the release's ServiceAccount, so the API server
-judges every request by the chart's RBAC and nothing else.
+The chart's Deployment cannot run here (no container runtime, no operator image): KWOK plays its
+pods (so the metrics Service has endpoints), and the operator runs as a local process: the same
+command line the Deployment renders, authenticated by a kubeconfig holding a TokenRequest token
+of the release's ServiceAccount, so the API server judges every request by the chart's RBAC and
+nothing else. Prometheus reaches that process where the pod's address stands (see `localize`).
+Prometheus and prometheus-operator are built from their Go modules by e2e/cluster/build
+(Debian's Prometheus has no Kubernetes service discovery); promtool is Debian's.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import os
 import signal
@@ -38,17 +43,22 @@ PROMETHEUS_SH = Path(__file__).parent / "prometheus.sh"
 VENV_BIN = Path(sys.executable).parent
 RELEASE, RELEASE_NS = "kubetune", "kubetune-system"
 SERVICE_ACCOUNT = "kubetune"  # the chart's default for release "kubetune"
-PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
+PROMETHEUS_OPERATOR_GO_MOD = Path(__file__).parents[1] / "cluster" / "modules" / "prometheus-operator" / "go.mod"
 FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
 
 # The values e2e installs the chart with: everything on, the validation pods allowed onto KWOK's nodes.
 VALUES: dict[str, Any] = {
-    "metrics": {"serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"}},
-                "podMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"}}},
+    "metrics": {"serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"},
+                                   "interval": "1s", "scrapeTimeout": "1s"},
+                "podMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"},
+                               "interval": "1s", "scrapeTimeout": "1s"}},
     "prometheusRule": {"enabled": True, "additionalLabels": {"release": "prometheus"}},
     "dashboards": {"enabled": True},
     "networkPolicy": {"enabled": True},
     "operator": {"peering": {"lifetime": 10}},
+    # KWOK plays the operator's pods (they get an IP and go Ready, so the metrics Service has real
+    # endpoints for the ServiceMonitor); the operator's process is the local ChartOperator.
+    "tolerations": [KWOK_TOLERATION],
     "trainer": {"validation": {"tolerations": [{"key": "kwok.x-k8s.io/node", "effect": "NoSchedule"}]}},
 }
 
@@ -86,12 +96,19 @@ def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.Complet
 
 @pytest.fixture(scope="session")
 def monitoring_crds(cluster: Cluster) -> None:
-    """prometheus-operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs, so the chart's
-    monitoring objects are judged by their real schemas; and KServe's InferenceService CRD, so
-    publishing runs its whole path."""
-    folder = go_module_dir(PROMETHEUS_OPERATOR) / "example" / "prometheus-operator-crd"
-    files = [folder / f"monitoring.coreos.com_{p}.yaml" for p in ("servicemonitors", "podmonitors", "prometheusrules")]
-    cluster.apply_crds(*files, kserve_crd())
+    """prometheus-operator's CRDs (the version e2e/cluster/build builds), so the chart's
+    monitoring objects are judged by their real schemas and prometheus-operator can run; and
+    KServe's InferenceService CRD, so publishing runs its whole path."""
+    folder = go_module_dir(prometheus_operator_module()) / "example" / "prometheus-operator-crd"
+    cluster.apply_crds(*sorted(folder.glob("monitoring.coreos.com_*.yaml")), kserve_crd())
+
+
+def prometheus_operator_module() -> str:
+    """`path@version` of the prometheus-operator that e2e/cluster/build builds."""
+    module = "github.com/prometheus-operator/prometheus-operator"
+    (version,) = [line.split()[-1] for line in PROMETHEUS_OPERATOR_GO_MOD.read_text().splitlines()
+                  if line.split()[:2] in (["require", module], [module])]
+    return f"{module}@{version}"
 
 
 def adopt_crds(cluster: Cluster, values: Path) -> None:
@@ -269,6 +286,7 @@ class Prometheus:
     url: str
     work: Path
     trainer_port: int = 0  # where the trainer target is expected
+    trainer_namespace: str = ""  # the namespace of the trainer pod the PodMonitor finds
     started: float = 0.0
 
     def get(self, path: str, **params: str) -> Any:
@@ -289,26 +307,6 @@ class Prometheus:
         return {t["labels"]["job"]: t["health"] for t in self.get("/api/v1/targets")["activeTargets"]}
 
 
-def scrape_configs(release: Release, operator_port: int, trainer_port: int, trainer_labels: dict[str, str]) -> list[dict[str, Any]]:
-    """The scrape jobs prometheus-operator would make of the chart's ServiceMonitor and PodMonitor
-    (job names, target labels, honor_labels, path), pointed at the local processes, every second."""
-    service = next(d for d in release.manifest if d["kind"] == "Service")
-    monitor = release.find("ServiceMonitor")["spec"]["endpoints"][0]
-    pod_monitor = release.find("PodMonitor")
-    pod_endpoint = pod_monitor["spec"]["podMetricsEndpoints"][0]
-    return [
-        {"job_name": service["metadata"]["name"], "scrape_interval": "1s", "scrape_timeout": "1s",
-         "metrics_path": monitor["path"], "honor_labels": bool(monitor.get("honorLabels", False)),
-         "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"], "labels": {
-             "namespace": release.namespace, "service": service["metadata"]["name"], "endpoint": "metrics",
-             "pod": f"{release.name}-0", "container": "operator"}}]},
-        {"job_name": f"{release.namespace}/{pod_monitor['metadata']['name']}", "scrape_interval": "1s",
-         "scrape_timeout": "1s", "metrics_path": pod_endpoint["path"],
-         "honor_labels": bool(pod_endpoint.get("honorLabels", False)),
-         "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"], "labels": trainer_labels}]},
-    ]
-
-
 @pytest.fixture(scope="session")
 def prometheus_binary() -> None:
     proc = subprocess.run([str(PROMETHEUS_SH), "install"], capture_output=True, text=True)
@@ -316,15 +314,106 @@ def prometheus_binary() -> None:
         pytest.fail(f"e2e/helm/prometheus.sh install failed: {proc.stderr}")
 
 
-def start_prometheus(work: Path, scrape: list[dict[str, Any]], rule_files: list[Path]) -> Prometheus:
-    config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": scrape,
-    }))
-    proc = subprocess.run([str(PROMETHEUS_SH), "run", str(work), str(config), str(free_port())],
-                          capture_output=True, text=True, timeout=120)
+def prometheus_version(binary: Path) -> str:
+    """The version of a Prometheus binary, as prometheus-operator's `spec.version` takes it."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout
+    return "v" + out.split()[2].split("+")[0]
+
+
+@pytest.fixture(scope="package")
+def prometheus_operator(cluster: Cluster, monitoring_crds: None,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    """prometheus-operator (built from its Go module by e2e/cluster/build), as a local process
+    with the admin's kubeconfig: it is not under test, the configuration it generates is."""
+    log = tmp_path_factory.mktemp("prometheus-operator") / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([str(cluster.bin_dir / "prometheus-operator"), f"--web.listen-address=127.0.0.1:{free_port()}",
+                                 "--log-level=warn"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print(f"prometheus-operator log: {log}")
+
+
+TRAINER_JOB = "metrics-probe"
+HOLD = {"kubetune.io/pod-annotations": json.dumps({"kwok.kubetune.io/delay": "30m"})}  # KWOK keeps the pods Running
+
+
+@pytest.fixture(scope="package")
+def trainer_pod(cluster: Cluster, admin_api: client.ApiClient, operator: ChartOperator) -> Iterator[client.V1Pod]:
+    """The master pod of a one-stage FineTuneJob `metrics-probe`: rendered by the chart's
+    operator, created by the training-operator, held Running by KWOK. The chart's PodMonitor
+    finds the trainer through it; the trainer itself is a local `kubetune run` (no image runs here)."""
+    with fresh_namespace(admin_api, f"metrics-e2e-{uuid.uuid4().hex[:6]}") as namespace:
+        job = finetunejob(TRAINER_JOB, [stage("pretrain", "pretrain", "text")])
+        job["metadata"]["annotations"] = HOLD
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(job))
+        core = client.CoreV1Api(admin_api)
+
+        def running() -> client.V1Pod | None:
+            pods = core.list_namespaced_pod(namespace, label_selector="training.kubeflow.org/job-role=master").items
+            return next((p for p in pods if p.status.phase == "Running" and p.status.pod_ip), None)
+
+        pod = wait_for("the probe's master pod to run", running, timeout=120)
+        try:
+            yield pod
+        finally:
+            cluster.kubectl("delete", "ftj", TRAINER_JOB, "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+
+
+PROMETHEUS_CR = "e2e"
+RULES_DIR = "/etc/prometheus/rules/"  # where prometheus-operator's config expects the rule ConfigMaps
+
+
+def generated_config(core: client.CoreV1Api, namespace: str, jobs: set[str]) -> dict[str, Any]:
+    """The configuration prometheus-operator wrote for Prometheus `e2e`, once it has `jobs`."""
+    def ready() -> dict[str, Any] | None:
+        try:
+            secret = core.read_namespaced_secret(f"prometheus-{PROMETHEUS_CR}", namespace)
+        except client.ApiException:
+            return None
+        raw = (secret.data or {}).get("prometheus.yaml.gz")
+        config = yaml.safe_load(gzip.decompress(base64.b64decode(raw))) if raw else None
+        names = {c["job_name"] for c in (config or {}).get("scrape_configs") or []}
+        return config if config and jobs <= names else None
+
+    return wait_for(f"prometheus-operator to generate scrape jobs {sorted(jobs)}", ready, timeout=90)
+
+
+def localize(config: dict[str, Any], kubeconfig: Path, rules: Path, processes: dict[str, int]) -> dict[str, Any]:
+    """prometheus-operator's configuration, made runnable outside the cluster: the sidecar's
+    variable expansion, then three edits and no other: service discovery reaches the API server through `kubeconfig`; the rule files are
+    read from `rules`; and the pod IPs that KWOK invented (which route nowhere) are mapped to the
+    local processes standing in for those pods (`processes`: pod IP -> local port), other
+    discovered targets (the second operator replica, finished trainer pods) being dropped, as
+    they have no process here. Selectors, port names, job names and target labels stay exactly
+    prometheus-operator's."""
+    # prometheus-config-reloader, the sidecar that hands the configuration to Prometheus in the
+    # pod, expands $(POD_NAME) and $(SHARD) from its environment: do what it does for shard 0.
+    text = json.dumps(config).replace("$(SHARD)", "0").replace("$(POD_NAME)", f"prometheus-{PROMETHEUS_CR}-0")
+    config = json.loads(text)
+    config["rule_files"] = [f.replace(RULES_DIR, f"{rules}/") for f in config.get("rule_files", [])]
+    for job in config.get("scrape_configs", []):
+        for sd in job.get("kubernetes_sd_configs", []):
+            sd["kubeconfig_file"] = str(kubeconfig)
+        relabel = job.setdefault("relabel_configs", [])
+        relabel += [{"source_labels": ["__address__"], "regex": f"{ip.replace('.', '[.]')}:[0-9]+",
+                     "target_label": "__address__", "replacement": f"127.0.0.1:{port}"} for ip, port in processes.items()]
+        relabel.append({"source_labels": ["__address__"], "regex": "127[.]0[.]0[.]1:[0-9]+", "action": "keep"})
+    return config
+
+
+def start_prometheus(binary: Path, work: Path, config: dict[str, Any]) -> Prometheus:
+    path = work / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run([str(PROMETHEUS_SH), "run", str(work), str(path), str(free_port())], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PROMETHEUS_BIN": str(binary)})
     if proc.returncode != 0:
         pytest.fail(f"e2e/helm/prometheus.sh run failed: {proc.stderr}")
     return Prometheus(proc.stdout.strip().splitlines()[-1], work)
@@ -334,24 +423,50 @@ def stop_prometheus(prometheus: Prometheus) -> None:
     subprocess.run([str(PROMETHEUS_SH), "stop", str(prometheus.work)], check=False)
 
 
-TRAINER_TARGET = {"namespace": "team-a", "pod": "metrics-probe-pretrain-master-0", "container": "pytorch",
-                  "endpoint": "metrics"}  # the target labels prometheus-operator gives a PodMonitor's pods
-
-
 @pytest.fixture(scope="package")
-def prometheus(release: Release, operator: ChartOperator, prometheus_binary: None,
+def prometheus(cluster: Cluster, admin_api: client.ApiClient, release: Release, operator: ChartOperator,
+               prometheus_operator: subprocess.Popen[bytes], trainer_pod: client.V1Pod, prometheus_binary: None,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    """Debian's Prometheus scraping the chart's operator and trainer targets every second, with
-    the chart's PrometheusRule loaded as its rule file."""
-    work = tmp_path_factory.mktemp("prometheus")
-    rules = work / "kubetune-rules.yaml"
-    rules.write_text(yaml.safe_dump(release.find("PrometheusRule")["spec"], sort_keys=False))
-    trainer_port = free_port()
-    prom = start_prometheus(work, scrape_configs(release, operator.metrics_port, trainer_port, TRAINER_TARGET), [rules])
-    prom.trainer_port, prom.started = trainer_port, time.time()
-    service = next(d for d in release.manifest if d["kind"] == "Service")["metadata"]["name"]
-    wait_for("Prometheus to scrape the operator", lambda: prom.targets_up().get(service) == "up", timeout=30)
+    """Prometheus running the configuration that prometheus-operator generated from the
+    chart's ServiceMonitor, PodMonitor and PrometheusRule (a Prometheus object selecting them by
+    the chart's `additionalLabels`), scraping the operator and a trainer every second."""
+    work, binary = tmp_path_factory.mktemp("prometheus"), cluster.bin_dir / "prometheus"  # built from its Go module
+    core = client.CoreV1Api(admin_api)
+    operator_pods = wait_for("the chart's operator pods to run (KWOK plays them)", lambda: sorted(
+        (p for p in core.list_namespaced_pod(release.namespace, label_selector="app.kubernetes.io/component=operator").items
+         if p.status.phase == "Running" and p.status.pod_ip), key=lambda p: p.metadata.name), timeout=60)
+    service_monitor, pod_monitor = release.find("ServiceMonitor")["metadata"], release.find("PodMonitor")["metadata"]
+    jobs = {f"serviceMonitor/{service_monitor['namespace']}/{service_monitor['name']}/0",
+            f"podMonitor/{pod_monitor['namespace']}/{pod_monitor['name']}/0"}
+    selector = {"matchLabels": {"release": "prometheus"}}
+    with fresh_namespace(admin_api, f"monitoring-e2e-{uuid.uuid4().hex[:6]}") as namespace:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "Prometheus", "metadata": {"name": PROMETHEUS_CR},
+            "spec": {"version": prometheus_version(binary), "evaluationInterval": "1s",
+                     "serviceMonitorSelector": selector, "serviceMonitorNamespaceSelector": {},
+                     "podMonitorSelector": selector, "podMonitorNamespaceSelector": {},
+                     "ruleSelector": selector, "ruleNamespaceSelector": {}}}))
+        config = generated_config(core, namespace, jobs)
+        rules = work / "rules"
+        for name in {f.removeprefix(RULES_DIR).split("/")[0] for f in config.get("rule_files", [])}:
+            data = wait_for(f"ConfigMap {name}", lambda: _configmap_data(core, namespace, name))
+            (rules / name).mkdir(parents=True)
+            for key, text in data.items():
+                (rules / name / key).write_text(text)
+        trainer_port = free_port()
+        processes = {operator_pods[0].status.pod_ip: operator.metrics_port, trainer_pod.status.pod_ip: trainer_port}
+        prom = start_prometheus(binary, work, localize(config, cluster.kubeconfig, rules, processes))
+        prom.trainer_port, prom.trainer_namespace, prom.started = trainer_port, trainer_pod.metadata.namespace, time.time()
+        service = next(d for d in release.manifest if d["kind"] == "Service")["metadata"]["name"]
+        wait_for("Prometheus to scrape the operator", lambda: prom.targets_up().get(service) == "up", timeout=60)
+        try:
+            yield prom
+        finally:
+            stop_prometheus(prom)
+
+
+def _configmap_data(core: client.CoreV1Api, namespace: str, name: str) -> dict[str, str] | None:
     try:
-        yield prom
-    finally:
-        stop_prometheus(prom)
+        return core.read_namespaced_config_map(name, namespace).data or None
+    except client.ApiException:
+        return None

@@ -1,4 +1,5 @@
-"""The chart's monitoring against a real Prometheus (Debian's) that scraped the operator
+"""The chart's monitoring against a real Prometheus, configured by a real
+prometheus-operator from the chart's ServiceMonitor, PodMonitor and PrometheusRule, that scraped the operator
 (run as the chart's ServiceAccount, through two pipelines and a refused job) and a trainer
 (a tiny `kubetune run` job, pretraining then a few GRPO steps, serving its metrics port):
 
@@ -29,14 +30,13 @@ from e2e.conftest import CHART, Cluster, wait_for
 from e2e.helm.conftest import (
     VENV_BIN,
     ChartOperator,
+    TRAINER_JOB,
     Prometheus,
     Release,
     finetunejob,
     run_pipeline,
     stage,
 )
-
-TRAINER_JOB = "metrics-probe"
 
 TINY = {
     "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": TRAINER_JOB},
@@ -195,7 +195,8 @@ def test_training_loss_and_throughput_come_from_the_trainer(run: Run) -> None:
     loss = run.prometheus.query_range(f'kubetune_trainer_loss{{finetunejob="{TRAINER_JOB}", stage="pretrain"}}',
                                       run.start, run.end, step=1)
     (series,) = loss
-    assert series["metric"]["stage"] == "pretrain" and series["metric"]["namespace"] == "team-a"
+    # the namespace is the trainer pod's, as prometheus-operator's relabelings set it from discovery
+    assert series["metric"]["stage"] == "pretrain" and series["metric"]["namespace"] == run.prometheus.trainer_namespace
     # (the gauge reads 0 until the trainer's first logging step sets it)
     values = [float(v) for _, v in series["values"] if float(v) > 0]
     assert len(values) >= 3 and values[-1] < values[0], "the tiny model's loss fell while Prometheus watched"

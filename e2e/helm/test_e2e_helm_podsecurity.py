@@ -77,7 +77,7 @@ def test_the_charts_operator_pods_are_admitted_in_a_restricted_namespace(
     admin_api: client.ApiClient, release: Release
 ) -> None:
     """The release's namespace enforces "restricted" (see the release fixture); the ReplicaSet
-    controller created the Deployment's pods there (they stay Pending: no image runs here)."""
+    controller created the Deployment's pods there (KWOK plays them: no image runs here)."""
     labels = client.CoreV1Api(admin_api).read_namespace(release.namespace).metadata.labels
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     replicas = release.find("Deployment")["spec"]["replicas"]

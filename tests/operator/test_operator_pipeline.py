@@ -188,6 +188,21 @@ def test_a_failed_pod_tells_its_exit_code_meaning_and_last_words() -> None:
     assert "kubectl logs -n ns pipe-sft-worker-0" in text
 
 
+def test_credentials_in_a_failed_pods_last_words_are_redacted() -> None:
+    leaked = ("2026-11-29 10:00:00 ERROR Failed stage exitCode=1 (permanent): StorageError: s3://data/x.jsonl: "
+              "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG key AKIAIOSFODNN7EXAMPLE, url https://user:hunter2@hub.example/x, "
+              "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload, HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz0123")
+    pods = [{"metadata": {"name": "p-master-0", "namespace": "ns"}, "status": {"phase": "Failed", "containerStatuses": [
+        {"name": "pytorch", "state": {"terminated": {"exitCode": 1, "message": leaked}}}]}}]
+
+    text = failure_detail(pods)
+
+    for secret in ("wJalrXUtnFEMI", "AKIAIOSFODNN7EXAMPLE", "hunter2", "eyJhbGci", "hf_abcdef"):
+        assert secret not in text
+    assert "StorageError: s3://data/x.jsonl" in text and "AWS_SECRET_ACCESS_KEY=<redacted>" in text
+    assert "https://<redacted>@hub.example/x" in text
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     ({"output": {}}, "spec.output.uri: is not set"),
     ({"output": {"uri": "file:///tmp/out"}}, "is not shared storage"),
@@ -201,7 +216,13 @@ def test_specs_a_cluster_cannot_run_are_refused_with_the_fix(change: dict[str, A
     assert any(fragment in p for p in problems), problems
 
 
-def test_qlora_without_gpus_and_unimplemented_stages_are_refused() -> None:
+def test_qlora_without_gpus_and_unimplemented_stages_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from kubetune.api import registry
+
+    # every vision stage has its recipe now: stand diffusion's row in for one that has none yet
+    monkeypatch.setitem(registry.STAGE_TYPES, "diffusion", replace(registry.get("diffusion"), implemented=False))
     body = pipeline()
     body["spec"]["stages"][1]["tuning"] = {"method": "qlora"}
     body["spec"]["stages"].append({"name": "diffusion", "type": "diffusion",

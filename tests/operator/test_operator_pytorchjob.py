@@ -153,6 +153,25 @@ def test_pods_satisfy_podsecurity_restricted_unless_turned_off() -> None:
     assert "securityContext" not in pod(loose)["spec"] and "securityContext" not in container(loose)
 
 
+def test_trainer_pods_get_no_service_account_token() -> None:
+    _, pj = render(make_job(stages=[{"name": "sft", "type": "sft", "dataset": {"uri": "s3://d/x.jsonl", "format": "messages"},
+                                     "resources": {"nodes": 2}}]), settings=BackendSettings(service_account="trainer"))
+
+    for replica in ("Master", "Worker"):
+        assert pod(pj, replica)["spec"]["automountServiceAccountToken"] is False
+        assert pod(pj, replica)["spec"]["serviceAccountName"] == "trainer"
+
+
+def test_a_stage_restarts_at_most_three_times_unless_told() -> None:
+    """The training-operator applies no limit when backoffLimit is nil, and the trainer marks an
+    OOM retryable: without a default a repeatable OOM would restart forever."""
+    _, default = render(make_job())
+    _, told = render(make_job(runPolicy={"backoffLimit": 0}))
+
+    assert default["spec"]["runPolicy"]["backoffLimit"] == 3
+    assert told["spec"]["runPolicy"]["backoffLimit"] == 0
+
+
 def test_s3_stages_read_credentials_from_an_optional_secret() -> None:
     job = make_job(output={"uri": "s3://bucket/runs/assistant"})
 

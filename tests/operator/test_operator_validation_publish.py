@@ -39,6 +39,7 @@ def test_the_validation_job_runs_the_validator_and_reports_through_the_terminati
                                  "--max-errors", "20", "--json", "pvc://data/pairs.jsonl"]
     assert c["terminationMessagePath"] == "/dev/termination-log" and c["terminationMessagePolicy"] == "File"
     assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False  # it reads data and never calls the API server
     assert pod["tolerations"] == [{"key": "k", "operator": "Exists"}]
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/mnt/pvc/data", "/cache", "/tmp"}
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [1, 2]

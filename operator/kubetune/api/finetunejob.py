@@ -456,7 +456,9 @@ class Queue(KubeModel):
 
 
 class RunPolicy(KubeModel):
-    backoff_limit: int | None = Field(default=None, ge=0, le=100, description="Pod restarts before a stage counts as failed.")
+    backoff_limit: int = Field(default=3, ge=0, le=100, description=(
+        "Pod restarts before a stage counts as failed. The training-operator sets no limit of its own, and the "
+        "trainer marks running out of memory retryable, so without one a repeatable failure would restart forever."))
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Seconds a stage may run before it is stopped.")
     suspend: bool = Field(default=False, description="Pause the job: no new stage starts and a running stage is suspended.")
     queue: Queue | None = Field(default=None, description="Admit stages through a Kueue or Volcano queue.")

@@ -153,7 +153,9 @@ def _pod_template(
     if container_sc:
         container["securityContext"] = container_sc
     annotations = pod_annotations(job.metadata.annotations, stage.name)
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    # The trainer never calls the API server (and may run a model's own code with trustRemoteCode):
+    # no ServiceAccount token in its pods.
+    spec: dict[str, Any] = {"containers": [container], "volumes": volumes, "automountServiceAccountToken": False}
     queue = job.spec.run_policy.queue
     if queue and queue.provider == "volcano":
         spec["schedulerName"] = "volcano"
@@ -183,9 +185,7 @@ def render(job: FineTuneJob, index: int, run: StageRun, settings: BackendSetting
     if nodes > 1:
         replicas["Worker"] = {"replicas": nodes - 1, **replica}
     policy = job.spec.run_policy
-    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "suspend": policy.suspend}
-    if policy.backoff_limit is not None:
-        run_policy["backoffLimit"] = policy.backoff_limit
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "suspend": policy.suspend, "backoffLimit": policy.backoff_limit}
     if policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = policy.active_deadline_seconds
     meta_labels = labels(job, stage, index)

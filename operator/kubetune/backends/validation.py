@@ -85,7 +85,9 @@ def render(dataset: PreferenceDataset, settings: BackendSettings) -> dict[str, A
         container["envFrom"] = [{"secretRef": {"name": settings.storage_secret, "optional": True}}]
     if container_sc:
         container["securityContext"] = container_sc
-    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes}
+    # validation reads data and never calls the API server: no ServiceAccount token in its pod
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes,
+                           "automountServiceAccountToken": False}
     if pod_sc:
         pod["securityContext"] = pod_sc
     if settings.service_account:

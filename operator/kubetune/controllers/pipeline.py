@@ -233,6 +233,24 @@ def job_conditions(
 
 
 _LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d[ T]|[EWI]\d{4} )")
+# What looks like a credential in a log line: `key=value` / `key: value` for secret-sounding keys,
+# bearer tokens, user:password@ in URLs, AWS access key ids and Hugging Face tokens.
+_CREDENTIALS = [
+    (re.compile(r"(?i)\b([\w.-]*(?:secret|password|passwd|token|api[_-]?key|access[_-]?key|credentials?)[\"']?\s*[:=]\s*)"
+                r"[\"']?[^\s\"',;}]+[\"']?"), r"\1<redacted>"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 <redacted>"),
+    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1<redacted>@"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<redacted>"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{20,}\b"), "<redacted>"),
+]
+
+
+def redact(text: str) -> str:
+    """`text` with anything that looks like a credential replaced by <redacted>: pod logs copied
+    into status and Events are readable by whoever may read the FineTuneJob."""
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def last_words(message: str, limit: int = 600) -> str:
@@ -251,7 +269,7 @@ def last_words(message: str, limit: int = 600) -> str:
             if _LOG_PREFIX.match(line):
                 break
             picked.append(line)
-    text = " ".join(" ".join(picked).split())
+    text = redact(" ".join(" ".join(picked).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -239,8 +239,10 @@ def train(trainer: Any, ctx: Context) -> Any:
     return result
 
 
-def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any) -> None:
-    """Write the model (or adapter), its processing class and, with merge (LoRA, IA3), `<out>/merged`."""
+def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any,
+         base_loader: models.BaseLoader | None = None) -> None:
+    """Write the model (or adapter), its processing class and, with merge (LoRA, IA3), `<out>/merged`
+    (the adapter folded into its base, loaded by `base_loader`; see models.merge_adapter)."""
     if run.tuning.method == "adapter":  # bottleneck adapters: only their weights, not the frozen base
         if ctx.is_main:
             bottleneck.save(trainer.model, ctx.out)
@@ -249,7 +251,7 @@ def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any) -> No
     if ctx.is_main:
         processing_class.save_pretrained(str(ctx.out))
         if run.merge and registry.tuning_method(run.tuning.method).mergeable:
-            models.merge_adapter(run, ctx.out, processing_class)
+            models.merge_adapter(run, ctx.out, processing_class, base_loader)
     barrier()
 
 

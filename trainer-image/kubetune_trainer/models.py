@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,6 +381,9 @@ def prepare_for_kbit(model: Any, run: StageRun) -> Any:
         return model
     from peft import prepare_model_for_kbit_training
 
+    for module in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference in eval mode,
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # which breaks training after an evaluation
+            module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=run.hyperparameters.gradient_checkpointing
     )
@@ -477,17 +480,28 @@ def count_parameters(model: Any, trainable: bool = False) -> int:
 # --- saving -------------------------------------------------------------------------------
 
 
-def merge_adapter(run: StageRun, out: Path, processing_class: Any) -> Path:
+# (path, dtype) -> the base model under a stage's adapter. By default the registry head's class loads it
+# (`load_base`); a recipe whose base needs more passes its own (image classification: a head for the data's labels).
+BaseLoader = Callable[[str, Any], Any]
+
+
+def load_base(run: StageRun, path: str, dtype: Any) -> Any:
+    """The model at `path` in `dtype` (a torch dtype or "auto"), as the stage's registry head loads it."""
+    spec = head_of(run)
+    return spec.cls().from_pretrained(path, dtype=dtype, trust_remote_code=run.trust_remote_code, **dict(spec.kwargs))
+
+
+def merge_adapter(run: StageRun, out: Path, processing_class: Any, base_loader: BaseLoader | None = None) -> Path:
     """Fold the LoRA or IA3 adapter saved at `out` into a full-precision copy of its base; write `<out>/merged`.
 
     The base is reloaded unquantized (qlora included): merging into 4-bit weights would lose the update.
+    base_loader: how to load the base (default: `load_base`).
     """
     from peft import PeftModel
 
     assert run.model_uri is not None
-    spec = head_of(run)
     path = str(storage.local_path(run.model_uri))
-    base = spec.cls().from_pretrained(path, dtype="auto", trust_remote_code=run.trust_remote_code, **dict(spec.kwargs))
+    base = base_loader(path, "auto") if base_loader else load_base(run, path, "auto")
     _adopt_pad_token(base, processing_class)
     fit_embeddings(base, processing_class)
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
@@ -498,8 +512,11 @@ def merge_adapter(run: StageRun, out: Path, processing_class: Any) -> Path:
     return target
 
 
-def load_trained(run: StageRun, out: Path) -> Any:
-    """Reload what a stage wrote (model, or base + adapter) for evaluation on one process."""
+def load_trained(run: StageRun, out: Path, base_loader: BaseLoader | None = None) -> Any:
+    """Reload what a stage wrote (model, or base + adapter) for evaluation on one process.
+
+    base_loader: how to load the base under an adapter (default: `load_base`).
+    """
     spec = head_of(run)
     cls = spec.cls()
     kwargs: dict[str, Any] = {"trust_remote_code": run.trust_remote_code, **dict(spec.kwargs)}
@@ -512,7 +529,8 @@ def load_trained(run: StageRun, out: Path) -> Any:
     from transformers import AutoTokenizer
 
     assert run.model_uri is not None
-    base = cls.from_pretrained(str(storage.local_path(run.model_uri)), dtype=torch.float32, **kwargs)
+    path = str(storage.local_path(run.model_uri))
+    base = base_loader(path, torch.float32) if base_loader else load_base(run, path, torch.float32)
     if run.info.modality == "text":
         fit_embeddings(base, AutoTokenizer.from_pretrained(str(out)))
     if bottleneck.is_adapter(out):
@@ -540,3 +558,43 @@ def generation_ready(model: Any) -> Any:
 
     model.base_model_prepare_inputs_for_generation = renamed
     return model
+
+
+# --- speech (the audioPretrain and asr stages) ----------------------------------------------
+
+HEADS.update({
+    "speechPretraining": HeadSpec("Wav2Vec2ForPreTraining"),  # recipes/audio_pretrain.py
+    "ctc": HeadSpec("AutoModelForCTC"),  # wav2vec 2.0 with a character head (recipes/asr.py)
+    "speechSeq2Seq": HeadSpec("AutoModelForSpeechSeq2Seq"),  # Whisper
+})
+
+
+def wav2vec2_config(init: ModelInit, **extra: Any) -> Any:
+    """A wav2vec 2.0 config built from scratch at model.init's sizes: a feature encoder of 7 convolutions
+    (the first 4 half hiddenSize wide, where the frames are many; strides 5, 2, 2, 2, 2, 2, 2: one frame
+    per 20 ms of 16 kHz audio, as the paper's), numLayers transformer blocks of width hiddenSize, a
+    product quantizer of 2 groups of 64 codevectors; `extra` overrides."""
+    from transformers import Wav2Vec2Config
+
+    width = init.hidden_size
+    groups = 4 if width % 4 == 0 else 1
+    settings: dict[str, Any] = dict(
+        hidden_size=width, num_hidden_layers=init.num_layers, num_attention_heads=init.num_heads,
+        intermediate_size=init.intermediate_size or 4 * width,
+        conv_dim=(max(width // 2, 16),) * 4 + (width,) * 3, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        feat_extract_norm="group", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=groups,
+        num_codevector_groups=2, num_codevectors_per_group=64, codevector_dim=width, proj_codevector_dim=width,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0,
+    )
+    settings.update(extra)
+    return Wav2Vec2Config(**settings)
+
+
+def speech_feature_extractor() -> Any:
+    """The feature extractor of a wav2vec 2.0 model built from scratch: 16 kHz samples, each clip
+    normalised to zero mean and unit variance, with an attention mask over the padding."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)

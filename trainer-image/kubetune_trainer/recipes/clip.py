@@ -13,10 +13,11 @@ label (optional)} (JSONL, CSV, Parquet or a datasets folder; see data/images.py)
                 scaled by the learned temperature (CLIPModel's `return_loss=True`); on several
                 processes over the global batch, each gathering all processes' embeddings (OpenCLIP's
                 gather_with_grad), so the loss curve is the one of a single process (plain data
-                parallel; DeepSpeed on several processes is refused: its start-up broadcast cannot
-                handle the 0-dimensional logit_scale)
-    tuning      full; lora (peft) on the attention's query and value projections of both towers when
-                tuning.lora.targetModules is left at all-linear; the temperature stays frozen
+                parallel or DeepSpeed ZeRO-2; the temperature is held as a 1-element tensor while
+                training, which DeepSpeed's start-up broadcast needs, and saved in CLIPModel's shape;
+                ZeRO-3 on several processes is refused, as it partitions the temperature the loss reads)
+    tuning      full; lora and qlora (peft) on the attention's query and value projections of both towers
+                when tuning.lora.targetModules is left at all-linear; the temperature stays frozen
     augment     training images only: torchvision v2 random resized crop (clip.cropScale, square) and,
                 when asked, a left-right flip (clip.horizontalFlip); held-out images are only resized
                 and normalised by the image processor, as when served
@@ -51,7 +52,7 @@ log = logging.getLogger("kubetune_trainer")
 EVAL_LIMIT = 5000  # held-out rows scored before and after
 EVAL_BATCH = 64
 RETRIEVAL_BATCH = 32  # rows ranked against each other for recall@k (chance recall@1: 1/32)
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
 LORA_TARGETS = ["q_proj", "v_proj"]  # the attention's query and value projections, in both towers
 MAX_CAPTION_TOKENS = 77  # CLIP's context length: the text tower's positions when model.init leaves them
 
@@ -158,7 +159,11 @@ def build(run: StageRun, captions: list[str]) -> tuple[Any, Any]:
         return model, processor
     path = str(storage.local_path(run.model_uri))
     processor = CLIPProcessor.from_pretrained(path, trust_remote_code=run.trust_remote_code)
-    model = CLIPModel.from_pretrained(path, dtype=models.base_dtype(run), trust_remote_code=run.trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": models.base_dtype(run), "trust_remote_code": run.trust_remote_code}
+    q = models.quantization_config(run)
+    if q is not None:
+        kwargs["quantization_config"] = q
+    model = CLIPModel.from_pretrained(path, **kwargs)
     log.info("Loaded model uri=%s parameters=%d", run.model_uri, models.count_parameters(model))
     return model, processor
 
@@ -170,6 +175,27 @@ def adapter_config(run: StageRun) -> Any:
     if config is not None and config.target_modules == "all-linear":
         config.target_modules = set(LORA_TARGETS)
     return config
+
+
+def hold_logit_scale(model: Any) -> None:
+    """Hold CLIPModel's 0-dimensional temperature, logit_scale, as a 1-element tensor while training, so
+    DeepSpeed's start-up broadcast (a byte view of each parameter, which a 0-dimensional tensor cannot
+    give) takes it; the products it scales broadcast alike, so the loss is the same. The state dict keeps
+    CLIPModel's shape (a hook reshapes it on the way out and back in), so what the stage and its checkpoints
+    write still loads with CLIPModel.from_pretrained, and a resumed run loads its checkpoints."""
+    scale = model.logit_scale
+    model.logit_scale = torch.nn.Parameter(scale.detach().reshape(1), requires_grad=scale.requires_grad)
+
+    def saved(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        if prefix + "logit_scale" in state:
+            state[prefix + "logit_scale"] = state[prefix + "logit_scale"].reshape(())
+
+    def loaded(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        if prefix + "logit_scale" in state:
+            state[prefix + "logit_scale"] = state[prefix + "logit_scale"].reshape(1)
+
+    model.register_state_dict_post_hook(saved)
+    model.register_load_state_dict_pre_hook(loaded)
 
 
 def max_tokens(model: Any) -> int:
@@ -281,10 +307,12 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     spec = run.settings(ClipSpec)
     if run.tuning.method not in METHODS:
         raise ValueError(f"a clip stage trains with tuning.method {' or '.join(METHODS)}, not {run.tuning.method}")
-    if common.deepspeed_config(run) is not None and ctx.world_size > 1:
-        raise ValueError("a clip stage cannot run under DeepSpeed on several processes yet: DeepSpeed's start-up "
-                         "broadcast fails on CLIPModel's 0-dimensional logit_scale; leave distributed.deepspeed "
-                         "unset (plain data parallel, which gathers the embeddings across processes)")
+    deepspeed = run.distributed.deepspeed
+    if deepspeed is not None and deepspeed.zero_stage == 3 and ctx.world_size > 1:
+        raise ValueError("a clip stage cannot run under DeepSpeed ZeRO-3 on several processes yet: the loss over all "
+                         "processes reads the temperature (logit_scale) outside the model's forward, where ZeRO-3 "
+                         "has partitioned it; set distributed.deepspeed.zeroStage to 2, or leave distributed.deepspeed "
+                         "unset")
 
     # --- load
     rows, held_out = common.load_data(run)
@@ -294,6 +322,8 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     # --- build
     models.check_tuning(run)
     model, processor = build(run, [str(r["caption"]) for r in rows])
+    model = models.prepare_for_kbit(model, run)
+    hold_logit_scale(model)
     lora = adapter_config(run)
     if lora is not None:
         from peft import get_peft_model

@@ -135,12 +135,13 @@ def model_labels(run: StageRun, names: list[str]) -> list[str]:
     return own if sorted(own) == sorted(names) else names
 
 
-def load_classifier(run: StageRun, path: str, names: list[str], quantize: bool = False) -> Any:
-    """A classifier from `path` with a head for `names`: kept when its labels are those, new otherwise."""
+def load_classifier(run: StageRun, path: str, names: list[str], quantize: bool = False, dtype: Any = None) -> Any:
+    """A classifier from `path` with a head for `names`: kept when its labels are those, new otherwise.
+    dtype: of the weights (default: models.base_dtype)."""
     cls = models.head_of(run).cls()
     config = AutoConfig.from_pretrained(path, trust_remote_code=run.trust_remote_code)
     own = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else []
-    kwargs: dict[str, Any] = {"dtype": models.base_dtype(run), "trust_remote_code": run.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype or models.base_dtype(run), "trust_remote_code": run.trust_remote_code}
     if own != names:
         kwargs.update(label_kwargs(names), ignore_mismatched_sizes=True)
     q = models.quantization_config(run) if quantize else None
@@ -276,34 +277,10 @@ def draw_confusion(matrix: list[list[int]], names: list[str], path: Path, title:
 # --- the stage ----------------------------------------------------------------------------
 
 
-def save(trainer: Any, run: StageRun, ctx: Context, processor: Any, names: list[str]) -> None:
-    """The model or adapter with its image processor; for LoRA with merge, `<out>/merged` (the base
-    reloaded in full precision with the same head, the adapter folded in)."""
-    trainer.save_model(str(ctx.out))
-    if ctx.is_main:
-        processor.save_pretrained(str(ctx.out))
-        if run.tuning.method != "full" and run.merge:
-            from peft import PeftModel
-
-            assert run.model_uri is not None
-            base = load_classifier(run, str(storage.local_path(run.model_uri)), names)
-            merged = PeftModel.from_pretrained(base, str(ctx.out)).merge_and_unload()
-            merged.save_pretrained(str(ctx.out / "merged"))
-            processor.save_pretrained(str(ctx.out / "merged"))
-            log.info("Wrote merged model path=%s", ctx.out / "merged")
-    common.barrier()
-
-
-def load_trained(run: StageRun, out: Path, names: list[str]) -> Any:
-    """What the stage wrote, loaded as the next stage or a server would: the model, or base + adapter."""
-    cls = models.head_of(run).cls()
-    if run.tuning.method == "full" or (out / "merged").exists():
-        return cls.from_pretrained(str(out if run.tuning.method == "full" else out / "merged"), dtype=torch.float32)
-    from peft import PeftModel
-
-    assert run.model_uri is not None
-    base = load_classifier(run, str(storage.local_path(run.model_uri)), names)
-    return PeftModel.from_pretrained(base.float(), str(out))
+def base_loader(run: StageRun, names: list[str]) -> models.BaseLoader:
+    """How the shared save and reload (common.save, models.load_trained) load the base under an adapter: with
+    the head for `names` the adapter's classifier was trained on."""
+    return lambda path, dtype: load_classifier(run, path, names, dtype=dtype)
 
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
@@ -323,9 +300,10 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     label2id = {n: i for i, n in enumerate(names)}
     model, processor = build(run, names)
     model = models.prepare_for_kbit(model, run)
-    for module in model.modules():  # bitsandbytes repacks 4-bit weights for CPU inference in eval mode,
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # which breaks training after the first evaluation
-            module.support_avx512bf16_for_cpu = False
+    # Each process's loss is the mean over its own images, which DDP and DeepSpeed average: the global mean.
+    # Trainer would otherwise take a forward with **kwargs (ResNet's) for one that sums over the global batch,
+    # and multiply the loss by the number of processes, which ResNet's mean does not undo.
+    model.accepts_loss_kwargs = False
     lora = adapter_config(run, model)
     if lora is not None:
         from peft import get_peft_model
@@ -361,12 +339,12 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     common.train(trainer, ctx)
 
     # --- save
-    save(trainer, run, ctx, processor, names)
+    common.save(trainer, run, ctx, processor, base_loader(run, names))
 
     after = None
     if ctx.is_main and held_out:
         assert sample is not None
-        trained = load_trained(run, ctx.out, names)
+        trained = models.load_trained(run, ctx.out, base_loader(run, names))
         top1, top5 = predict(trained, AutoImageProcessor.from_pretrained(str(ctx.out)), held_out)
         after = scores(truth, top1, top5)
         sample["after"] = names[top1[0]]

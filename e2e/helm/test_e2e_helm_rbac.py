@@ -11,7 +11,7 @@ import yaml
 from kubernetes import client
 
 from e2e.conftest import CHART, Cluster, wait_for
-from e2e.helm.conftest import RELEASE_NS, SERVICE_ACCOUNT, ChartOperator, Release, helm
+from e2e.helm.conftest import RELEASE_NS, SERVICE_ACCOUNT, ChartOperator, Release, helm, token_kubeconfig
 
 CRD = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
        "metadata": {"name": "widgets.example.com"},
@@ -152,7 +152,7 @@ def test_namespaced_mode_confines_the_operator_to_its_namespaces(
     for ns in ("helm-e2e-team-a", "helm-e2e-team-b", "helm-e2e-ns-operator"):
         core.create_namespace({"metadata": {"name": ns}})
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"crds": {"install": False},
+    values.write_text(yaml.safe_dump({"crds": {"install": False}, "servingRuntime": {"enabled": False},
                                       "rbac": {"namespaced": True, "aggregateToDefaultRoles": False},
                                       "operator": {"watchNamespaces": ["helm-e2e-team-a"]}}))
     try:
@@ -175,4 +175,45 @@ def test_namespaced_mode_confines_the_operator_to_its_namespaces(
     finally:
         helm(cluster, "uninstall", "scoped", "--namespace", "helm-e2e-ns-operator", check=False)
         for ns in ("helm-e2e-team-a", "helm-e2e-team-b", "helm-e2e-ns-operator"):
+            core.delete_namespace(ns)
+
+
+def test_cluster_wide_rbac_watching_named_namespaces_runs_its_peering_there(
+    cluster: Cluster, release: Release, admin_api: client.ApiClient, tmp_path: Any
+) -> None:
+    """Cluster-wide RBAC with operator.watchNamespaces: kopf then meets its peers in a KopfPeering
+    in each watched namespace, which the ClusterRole must grant (it crash-looped on a 403 when the
+    chart granted ClusterKopfPeerings only). The operator runs with that release's rights alone."""
+    core = client.CoreV1Api(admin_api)
+    for ns in ("helm-e2e-watched", "helm-e2e-ns-watcher"):
+        core.create_namespace({"metadata": {"name": ns}})
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"crds": {"install": False}, "servingRuntime": {"enabled": False},
+                                      "rbac": {"aggregateToDefaultRoles": False},
+                                      "operator": {"watchNamespaces": ["helm-e2e-watched"]}}))
+    op = None
+    try:
+        helm(cluster, "install", "watcher", str(CHART), "--namespace", "helm-e2e-ns-watcher", "--values", str(values))
+        manifest = [d for d in yaml.safe_load_all(helm(cluster, "get", "manifest", "watcher", "--namespace",
+                                                         "helm-e2e-ns-watcher").stdout) if d]
+        watcher = Release("watcher", "helm-e2e-ns-watcher", manifest, values)
+        assert "--namespace=helm-e2e-watched" in watcher.operator_args
+        kubeconfig = token_kubeconfig(cluster, "helm-e2e-ns-watcher", "watcher-kubetune", tmp_path / "sa.kubeconfig")
+        op = ChartOperator(watcher.operator_args, kubeconfig, tmp_path / "operator.log")
+        op.start()
+
+        def joined() -> bool:
+            peerings = client.CustomObjectsApi(admin_api).list_namespaced_custom_object(
+                "kopf.dev", "v1", "helm-e2e-watched", "kopfpeerings")["items"]
+            return any(p["metadata"]["name"] == "watcher-kubetune" and (p.get("status") or {}) for p in peerings)
+
+        wait_for("the operator to join its KopfPeering in the watched namespace", joined, timeout=60)
+        assert op.proc is not None and op.proc.poll() is None, op.log_text()[-3000:]
+        log = op.log_text()
+        assert "403" not in log and "Forbidden" not in log, log[-3000:]
+    finally:
+        if op is not None:
+            op.stop()
+        helm(cluster, "uninstall", "watcher", "--namespace", "helm-e2e-ns-watcher", check=False)
+        for ns in ("helm-e2e-watched", "helm-e2e-ns-watcher"):
             core.delete_namespace(ns)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 from kubernetes import client
 
@@ -40,7 +41,7 @@ THREE_STAGES = [
 
 def jobs_of(api: client.ApiClient, namespace: str, job: str) -> list[dict[str, Any]]:
     return [p for p in items(api, PYTORCHJOBS, namespace)
-            if p["metadata"]["labels"].get("kubetune.io/finetunejob") == job]
+            if (p["metadata"].get("labels") or {}).get("kubetune.io/finetunejob") == job]  # (not only ours here)
 
 
 def sample(metrics: dict[Any, float], name: str, **labels: str) -> float:
@@ -202,6 +203,88 @@ def test_deleting_the_job_deletes_what_it_created(
         namespace, label_selector="kubetune.io/finetunejob=gone").items
     assert configmaps == []
     assert get(admin_api, FTJ, namespace, "gone") is None
+
+
+def test_deleting_a_running_stages_pytorchjob_stops_the_job_instead_of_rerunning_the_stage(
+    cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, namespace: str
+) -> None:
+    slow = pod_annotations({"kwok.kubetune.io/delay": "10m"})
+    apply(cluster, finetunejob("stopped", THREE_STAGES[:2], annotations=slow), namespace=namespace)
+    wait_for("the first stage to run", lambda: (j := get(admin_api, FTJ, namespace, "stopped"))
+             and condition(j, "Running").get("status") == "True", timeout=60)
+
+    cluster.kubectl("delete", "pytorchjob", "stopped-pretrain", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    cluster.kubectl("wait", "--for=condition=Failed", "-n", namespace, "ftj/stopped", "--timeout=60s", timeout=90)
+    job = get(admin_api, FTJ, namespace, "stopped") or {}
+    assert condition(job, "Failed")["reason"] == "StageDeleted"
+    assert "PyTorchJob stopped-pretrain was deleted before the stage's result was recorded" in (
+        condition(job, "Failed")["message"])
+    assert get(admin_api, PYTORCHJOBS, namespace, "stopped-pretrain") is None, "the deleted stage was created again"
+    assert [s["state"] for s in job["status"]["stages"]] == ["Failed", "Pending"]
+
+
+def test_a_status_write_from_a_stale_read_is_refused_so_the_reconcile_runs_again(
+    cluster: Cluster, admin_api: client.ApiClient, namespace: str
+) -> None:
+    """Two replicas during a peering hand-over both read the job, then both write its status: the
+    second write carries a resourceVersion the first one moved on, and the API server refuses it."""
+    from kubetune.controllers import common
+
+    apply(cluster, finetunejob("contested", THREE_STAGES[:1]), namespace=namespace)
+    first, second = (get(admin_api, FTJ, namespace, "contested") or {} for _ in range(2))
+    saved, common.RUNTIME.api = common.RUNTIME.api, admin_api
+    try:
+        common.patch_status(FTJ, first, {"progress": "written by the first"})
+        with pytest.raises(kopf.TemporaryError, match="changed since it was read"):
+            common.patch_status(FTJ, second, {"progress": "written by the second"})
+        common.patch_status(FTJ, first, {"currentStage": "pretrain"})  # its own next write goes through
+    finally:
+        common.RUNTIME.api = saved
+
+    status = (get(admin_api, FTJ, namespace, "contested") or {})["status"]
+    assert (status["progress"], status["currentStage"]) == ("written by the first", "pretrain")
+
+
+def test_a_foreign_pytorchjob_of_the_stages_name_fails_the_job_and_is_left_alone(
+    cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, namespace: str
+) -> None:
+    """A 409 is not taken as "ours" without looking at the owner: the stage would wait forever on
+    someone else's PyTorchJob."""
+    foreign = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "taken-pretrain"},
+               "spec": {"runPolicy": {"suspend": True}, "pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": {
+                   "spec": {"containers": [{"name": "pytorch", "image": "someone/else"}]}}}}}}
+    apply(cluster, foreign, namespace=namespace)
+    apply(cluster, finetunejob("taken", THREE_STAGES[:1]), namespace=namespace)
+
+    cluster.kubectl("wait", "--for=condition=Failed", "-n", namespace, "ftj/taken", "--timeout=60s", timeout=90)
+
+    failed = condition(get(admin_api, FTJ, namespace, "taken") or {}, "Failed")
+    assert failed["reason"] == "NameConflict"
+    assert f"PyTorchJob taken-pretrain already exists in namespace {namespace} and belongs to something else" in failed["message"]
+    theirs = get(admin_api, PYTORCHJOBS, namespace, "taken-pretrain") or {}
+    assert "ownerReferences" not in theirs["metadata"]
+    assert theirs["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] == "someone/else"
+
+
+def test_a_foreign_modeladapter_of_the_same_name_is_not_reported_as_the_jobs(
+    cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, namespace: str
+) -> None:
+    theirs = {"apiVersion": "kubetune.io/v1alpha1", "kind": "ModelAdapter", "metadata": {"name": "held"},
+              "spec": {"baseModelUri": "hf://someone/else", "adapterUri": "pvc://models/someone-else"}}
+    apply(cluster, theirs, namespace=namespace)
+    apply(cluster, finetunejob("publisher", THREE_STAGES[:2], publish={"gpus": 1, "adapterName": "held"}),
+          namespace=namespace)
+
+    cluster.kubectl("wait", "--for=condition=Succeeded", "-n", namespace, "ftj/publisher", "--timeout=120s", timeout=150)
+    conflict = wait_for("a NameConflict event", lambda: [
+        e for e in events(admin_api, namespace, "publisher") if e.reason == "NameConflict"], timeout=30)
+
+    assert conflict[0].type == "Warning" and "ModelAdapter held already exists and belongs to something else" in (
+        conflict[0].message)
+    assert "adapter" not in (get(admin_api, FTJ, namespace, "publisher") or {})["status"]
+    adapter = get(admin_api, ADAPTERS, namespace, "held") or {}
+    assert adapter["spec"]["baseModelUri"] == "hf://someone/else" and "ownerReferences" not in adapter["metadata"]
 
 
 # --- the API server refuses bad manifests with the CRD's messages ---------------------------

@@ -87,6 +87,19 @@ def test_namespaced_mode_has_roles_in_watched_namespaces_only(tmp_path: Path) ->
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
 
 
+def test_cluster_mode_watching_named_namespaces_grants_their_kopfpeerings(tmp_path: Path) -> None:
+    """kopf meets its peers in a KopfPeering of each watched namespace then (e2e runs it live)."""
+    docs = documents(template(merge(ALL_ON, {"operator": {"watchNamespaces": ["team-a"]}}), tmp=tmp_path).stdout)
+    (role,) = _operator_roles(docs)
+
+    grants = _grants(role["rules"])
+
+    assert role["kind"] == "ClusterRole" and {k: v for k, v in grants.items() if k[0] == "kopf.dev"} == {
+        ("kopf.dev", "kopfpeerings"): {"list", "watch", "create", "get", "patch"}}
+    assert grants[("", "namespaces")] == {"list", "watch"}  # kopf watches the namespaces it is given
+    assert [r["resourceNames"] for r in role["rules"] if r.get("resourceNames")] == [["kt-kubetune"]]
+
+
 def test_kserve_rights_can_be_left_out(tmp_path: Path) -> None:
     (role,) = _operator_roles(documents(template({"rbac": {"kserve": False}}, tmp=tmp_path).stdout))
     assert ("serving.kserve.io", "inferenceservices") not in _grants(role["rules"])

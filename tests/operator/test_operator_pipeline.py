@@ -11,7 +11,10 @@ from kubetune import metrics
 from kubetune.api import FineTuneJob, find_condition
 from kubetune.api import reasons as r
 from kubetune.api.stagerun import render_stage_run
+from kubetune.controllers.finetunejob import start_stage
 from kubetune.controllers.pipeline import (
+    Phase,
+    Plan,
     adapter_spec,
     check,
     failure_detail,
@@ -186,6 +189,38 @@ def test_a_failed_pod_tells_its_exit_code_meaning_and_last_words() -> None:
     assert "pod pipe-sft-worker-0 exited with code 1 (a permanent error" in text
     assert "line 7: no 'chosen'" in text
     assert "kubectl logs -n ns pipe-sft-worker-0" in text
+
+
+def test_a_pytorchjob_deleted_under_a_running_stage_fails_the_stage_instead_of_running_it_again() -> None:
+    previous = [{"name": "pretrain", "state": "Succeeded", "jobName": "pipe-pretrain"},
+                {"name": "sft", "state": "Running", "jobName": "pipe-sft", "step": 40}]
+
+    plan = observe_stages(JOB, {}, previous, OUT)
+
+    assert (plan.phase, plan.index, plan.reason) == ("Failed", 1, r.STAGE_DELETED)
+    assert "PyTorchJob pipe-sft was deleted before the stage's result was recorded" in plan.message
+    assert [s["state"] for s in plan.stages] == ["Succeeded", "Failed", "Pending"]
+    # a stage never created is started; one recorded final keeps its state
+    assert observe_stages(JOB, {}, previous[:1], OUT).phase == "Start"
+
+
+def test_a_stage_waits_for_a_dataset_edited_since_it_was_validated() -> None:
+    """Ready=True speaks of the generation it validated: columns or schema edited after that are
+    not used until the new generation is validated."""
+    body = pipeline()
+    body["spec"]["stages"][2]["dataset"] = {"preferenceDatasetRef": {"name": "prefs"}}
+    job = FineTuneJob.model_validate(body)
+    dataset = {"apiVersion": "kubetune.io/v1alpha1", "kind": "PreferenceDataset",
+               "metadata": {"name": "prefs", "namespace": "ns", "generation": 2},
+               "spec": {"source": {"uri": "pvc://data/prefs.jsonl"}, "schema": "paired"},
+               "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Valid", "observedGeneration": 1,
+                                          "message": "1000 rows"}]}}
+    plan = Plan(stages=[{"state": "Succeeded"}, {"state": "Succeeded"}, {"state": "Pending"}], phase=Phase.START, index=2)
+
+    start_stage(body, job, plan, {"prefs": dataset}, OUT)
+
+    assert (plan.phase, plan.reason) == ("Waiting", r.WAITING_FOR_DATASET)
+    assert "its spec changed (generation 2) since it was validated (generation 1)" in plan.message
 
 
 def test_credentials_in_a_failed_pods_last_words_are_redacted() -> None:

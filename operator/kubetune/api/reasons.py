@@ -51,6 +51,12 @@ WAITING_FOR_DATASET = "WaitingForPreferenceDataset"
 STAGE_FAILED = "StageFailed"
 """Failed=True, Succeeded=False: a stage's PyTorchJob failed; the message carries its reason and message."""
 PREFERENCE_DATASET_INVALID = "PreferenceDatasetInvalid"
+STAGE_DELETED = "StageDeleted"
+"""Failed=True, Succeeded=False: a stage's PyTorchJob was deleted before its result was recorded (a
+user stopping it, or deleted while the operator was down); the stage is not silently run again."""
+NAME_CONFLICT = "NameConflict"
+"""Failed=True (or a Warning Event, for the ModelAdapter): an object the job would create (a stage's
+PyTorchJob or StageRun ConfigMap, the ModelAdapter) exists under that name and belongs to something else."""
 """Failed=True, Succeeded=False: a stage's PreferenceDataset failed validation; the message has its first errors."""
 ALL_STAGES_SUCCEEDED = "AllStagesSucceeded"
 """Succeeded=True, Ready=True: every stage succeeded."""

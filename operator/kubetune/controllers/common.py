@@ -144,14 +144,33 @@ def create_core(kind: str, namespace: str, body: dict[str, Any]) -> tuple[dict[s
     return as_dict(batch().read_namespaced_job(name, namespace)), False
 
 
-def patch_status(resource: tuple[str, str, str], namespace: str, name: str, status: dict[str, Any]) -> None:
-    """Merge-patch `status` (whole lists: conditions and stages are always written entire)."""
+def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
+    """Whether `obj` names `owner` (by uid) among its owner references."""
+    uid = owner["metadata"]["uid"]
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def patch_status(resource: tuple[str, str, str], body: dict[str, Any], status: dict[str, Any]) -> None:
+    """Merge-patch `status` (whole lists: conditions and stages are always written entire) onto the
+    object as `body` read it: the patch carries body's resourceVersion, so a write based on a stale
+    read (another replica's during a peering hand-over, or a change meanwhile) is refused and the
+    reconcile runs again on a fresh read instead of the last writer winning. Body's resourceVersion
+    moves on to the written object's, for the next write of the same reconcile."""
     group, version, plural = resource
+    meta = body["metadata"]
+    patch: dict[str, Any] = {"status": status}
+    if meta.get("resourceVersion"):
+        patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
     try:
-        custom().patch_namespaced_custom_object_status(group, version, namespace, plural, name, {"status": status})
+        written = custom().patch_namespaced_custom_object_status(group, version, meta["namespace"], plural, meta["name"],
+                                                                 patch)
     except client.ApiException as e:
-        if e.status != 404:  # deleted meanwhile: nothing to report on
-            raise
+        if e.status == 404:  # deleted meanwhile: nothing to report on
+            return
+        if e.status == 409:
+            raise kopf.TemporaryError(f"{meta['name']} changed since it was read; reconciling again", delay=1) from None
+        raise
+    meta["resourceVersion"] = cast(dict[str, Any], written)["metadata"]["resourceVersion"]
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

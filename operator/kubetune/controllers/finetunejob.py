@@ -184,7 +184,7 @@ def _reconcile(body: dict[str, Any], scrape: bool) -> None:
             plan.message += f" ({detail})"
             plan.stages[plan.index]["message"] += f" ({detail})"
     if scrape and plan.phase == Phase.RUNNING and child is not None and RUNTIME.scrape_trainer:
-        read_progress(namespace, child["metadata"]["name"], plan.stages[plan.index])
+        read_progress(namespace, child, plan.stages[plan.index])
     if plan.phase == Phase.PENDING and child is not None:
         # looked up by the timer only; other reconciles keep what it found
         previous = (find_condition(conditions, r.RUNNING) or {}).get("message", "")
@@ -217,13 +217,18 @@ def start_stage(
     if ref is not None:
         ds_body = datasets.get(ref.name)
         ready = find_condition((ds_body or {}).get("status", {}).get("conditions"), r.READY)
-        if ds_body is None or ready is None or ready.get("status") != "True":
+        stale = ds_body is not None and ready is not None and \
+            ready.get("observedGeneration") != ds_body["metadata"].get("generation")
+        if ds_body is None or ready is None or ready.get("status") != "True" or stale:
             if ready is not None and ready.get("reason") in (r.DATA_INVALID, r.VALIDATION_FAILED, r.INVALID_SPEC):
                 plan.phase, plan.reason = Phase.FAILED, r.PREFERENCE_DATASET_INVALID
                 plan.message = f"{label} reads PreferenceDataset {ref.name}, which is not valid: {ready.get('message')}"
                 plan.stages[i].update(state="Failed", message=plan.message)
                 return
-            why = "it does not exist" if ds_body is None else (ready or {}).get("message") or "it is not validated yet"
+            why = "it does not exist" if ds_body is None else (
+                f"its spec changed (generation {(ds_body or {})['metadata'].get('generation')}) since it was validated "
+                f"(generation {(ready or {}).get('observedGeneration')})" if stale
+                else (ready or {}).get("message") or "it is not validated yet")
             plan.phase, plan.reason = Phase.WAITING, r.WAITING_FOR_DATASET
             plan.message = f"{label} waits for PreferenceDataset {ref.name} to become Ready: {why}"
             return
@@ -243,9 +248,19 @@ def start_stage(
     configmap = backend.stagerun_configmap(job, i, run)
     pj = backend.render(job, i, run, settings)
     kopf.adopt([configmap, pj], owner=common.kopf_body(body))
-    common.create_core("ConfigMap", namespace, configmap)
-    _, created = common.create_custom(PYTORCHJOBS, namespace, pj)
     name = pj["metadata"]["name"]
+    existing_cm, _ = common.create_core("ConfigMap", namespace, configmap)
+    existing, created = common.create_custom(PYTORCHJOBS, namespace, pj)
+    foreign = [f"{kind} {obj['metadata']['name']}" for kind, obj in (("ConfigMap", existing_cm), ("PyTorchJob", existing))
+               if not common.owned_by(obj, body)]
+    if foreign:
+        plan.phase, plan.reason = Phase.FAILED, r.NAME_CONFLICT
+        one = len(foreign) == 1
+        plan.message = (f"{label} cannot start: {' and '.join(foreign)} already {'exists' if one else 'exist'} in "
+                        f"namespace {namespace} and {'belongs' if one else 'belong'} to something else; delete "
+                        f"{'it' if one else 'them'} and recreate this FineTuneJob, or give the job or the stage another name.")
+        plan.stages[i].update(state="Failed", message=plan.message)
+        return
     if created:
         metrics.PYTORCHJOBS_CREATED.labels(stage.type).inc()
         log.info("Created PyTorchJob name=%s namespace=%s finetunejob=%s stage=%s", name, namespace,
@@ -268,17 +283,22 @@ def sync_suspend(body: dict[str, Any], child: dict[str, Any], suspend: bool) -> 
                  f"{'Suspended' if suspend else 'Resumed'} PyTorchJob {name} (spec.runPolicy.suspend).")
 
 
-def read_progress(namespace: str, pytorchjob: str, entry: dict[str, Any]) -> None:
-    """Copy the trainer's step, total steps and last figures from its metrics endpoint."""
+def read_progress(namespace: str, pytorchjob: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Copy the trainer's step, total steps and last figures from its metrics endpoint: that of
+    the stage's master pod (only a pod the PyTorchJob owns: a pod of that name made by anyone else
+    is not asked), on the port the operator renders (not whatever the pod's spec says)."""
+    port = RUNTIME.settings.trainer_metrics_port
+    if not port:
+        return
     try:
-        pod = common.as_dict(common.core().read_namespaced_pod(backend.master_pod(pytorchjob), namespace))
+        pod = common.as_dict(common.core().read_namespaced_pod(backend.master_pod(pytorchjob["metadata"]["name"]),
+                                                               namespace))
     except client.ApiException:
         return
     ip = (pod.get("status") or {}).get("podIP")
-    ports = [p for c in pod["spec"]["containers"] for p in c.get("ports") or [] if p.get("name") == "metrics"]
-    if not ip or not ports:
+    if not ip or not common.owned_by(pod, pytorchjob):
         return
-    got = trainer_metrics.scrape(ip, int(ports[0]["containerPort"]))
+    got = trainer_metrics.scrape(ip, port)
     if got is None:
         return
     if got.step is not None:
@@ -319,7 +339,11 @@ def publish(body: dict[str, Any], job: FineTuneJob, output_base: str) -> str | N
                "metadata": {"name": name, "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB: label_value(job.metadata.name)}},
                "spec": adapter_spec(job, output_base)}
     kopf.adopt(adapter, owner=common.kopf_body(body))
-    _, created = common.create_custom(MODELADAPTERS, body["metadata"]["namespace"], adapter)
+    existing, created = common.create_custom(MODELADAPTERS, body["metadata"]["namespace"], adapter)
+    if not common.owned_by(existing, body):
+        common.event(body, r.NAME_CONFLICT, f"ModelAdapter {name} already exists and belongs to something else, so the "
+                     "result is not published; delete it or set spec.publish.adapterName.", warning=True)
+        return None
     if created:
         log.info("Created ModelAdapter name=%s namespace=%s finetunejob=%s", name, body["metadata"]["namespace"],
                  job.metadata.name)
@@ -381,5 +405,4 @@ def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> No
     typed = FineTuneJobStatus.model_validate(new).model_dump(mode="json", by_alias=True, exclude_unset=True)
     new = {k: typed[k] for k in new}  # what was set, including a None that clears a field
     if common.changed(old, new):
-        meta = body["metadata"]
-        common.patch_status(FINETUNEJOBS, meta["namespace"], meta["name"], new)
+        common.patch_status(FINETUNEJOBS, body, new)

@@ -163,5 +163,4 @@ def _apply(namespace: str, service: str, members: list[tuple[ModelAdapter, dict[
 
 def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
     if common.changed(old, new):
-        meta = body["metadata"]
-        common.patch_status(MODELADAPTERS, meta["namespace"], meta["name"], new)
+        common.patch_status(MODELADAPTERS, body, new)

@@ -113,7 +113,10 @@ def observe_stages(
     """Stage statuses from the PyTorchJobs (by name) and the previous status, and the next step.
 
     A stage whose PyTorchJob is gone keeps the state the status recorded when it was final,
-    so a deleted child never makes a finished stage run again.
+    so a deleted child never makes a finished stage run again. A stage whose PyTorchJob was
+    created (the status names it) and is gone before the stage was recorded final was deleted
+    under it: by a user stopping it, or while the operator was down, when it may have finished
+    unseen. That stage fails (StageDeleted) rather than run again unasked.
     """
     prev = {s.get("name"): s for s in previous}
     stages: list[dict[str, Any]] = []
@@ -127,7 +130,7 @@ def observe_stages(
                   "etaSeconds", "metrics", "message"):
             if old.get(k) is not None:
                 entry[k] = old[k]
-        child = children.get(name)
+        child, deleted = children.get(name), False
         if child is not None:
             state, reason, message = pytorchjob.observe(child)
             start, end = pytorchjob.times(child)
@@ -138,6 +141,11 @@ def observe_stages(
                 entry["completionTime"] = end
         elif old.get("state") in TERMINAL:
             entry["state"] = old["state"]
+        elif old.get("jobName") == name:
+            entry.update(state="Failed", message=f"PyTorchJob {name} was deleted before the stage's result was "
+                         "recorded; to run it again, delete and recreate the FineTuneJob (to pause a stage, set "
+                         "spec.runPolicy.suspend instead)")
+            deleted = True
         if entry["state"] == "Succeeded":
             entry["outputUri"] = stage_output_uri(output_base, stage)
             entry.pop("etaSeconds", None)
@@ -148,7 +156,8 @@ def observe_stages(
             continue
         label = f"Stage {i + 1}/{n} {stage.name}"
         if entry["state"] == "Failed":
-            plan = Plan(stages, Phase.FAILED, i, r.STAGE_FAILED, f"{label} failed: {entry.get('message', '')}".rstrip(": "))
+            plan = Plan(stages, Phase.FAILED, i, r.STAGE_DELETED if deleted else r.STAGE_FAILED,
+                        f"{label} failed: {entry.get('message', '')}".rstrip(": "))
         elif child is None:
             plan = Plan(stages, Phase.START, i, r.PENDING, f"{label} is next.")
         elif entry["state"] == "Running":

@@ -152,5 +152,4 @@ def _flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
     if common.changed(old, new):
-        meta = body["metadata"]
-        common.patch_status(PREFERENCEDATASETS, meta["namespace"], meta["name"], new)
+        common.patch_status(PREFERENCEDATASETS, body, new)

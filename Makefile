@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup system-deps tools demo test unit e2e crds check clean
 
 # Commands the local control plane needs, and the Debian package of each.
-SYSTEM_TOOLS := openssl:openssl curl:curl flock:util-linux
+SYSTEM_TOOLS := openssl:openssl curl:curl flock:util-linux espeak-ng:espeak-ng
 
 setup: $(VENV)/.installed
 
@@ -44,7 +44,7 @@ e2e: setup tools
 	$(PYTEST) e2e
 
 # helm, kubeconform and the control plane, built from their Go modules (cached by version),
-# and Debian's prometheus for promtool.
+# prometheus-operator and Prometheus (the monitoring e2e), and Debian's prometheus package for promtool.
 tools: system-deps
 	e2e/cluster/build
 	e2e/helm/prometheus.sh install

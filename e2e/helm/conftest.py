@@ -36,7 +36,7 @@ import yaml
 from kubernetes import client
 
 from e2e.conftest import (
-    CHART, KWOK_TOLERATION, Cluster, free_port, fresh_namespace, go_module_dir, healthy, kserve_crd, wait_for,
+    CHART, KSERVE, KWOK_TOLERATION, Cluster, free_port, fresh_namespace, go_module_dir, healthy, kserve_crd, wait_for,
 )
 
 PROMETHEUS_SH = Path(__file__).parent / "prometheus.sh"
@@ -98,9 +98,11 @@ def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.Complet
 def monitoring_crds(cluster: Cluster) -> None:
     """prometheus-operator's CRDs (the version e2e/cluster/build builds), so the chart's
     monitoring objects are judged by their real schemas and prometheus-operator can run; and
-    KServe's InferenceService CRD, so publishing runs its whole path."""
+    KServe's InferenceService CRD, so publishing runs its whole path, and its ClusterServingRuntime
+    CRD, so the chart finds KServe there and installs the kubetune-serve runtime."""
     folder = go_module_dir(prometheus_operator_module()) / "example" / "prometheus-operator-crd"
-    cluster.apply_crds(*sorted(folder.glob("monitoring.coreos.com_*.yaml")), kserve_crd())
+    runtimes = go_module_dir(KSERVE) / "config" / "crd" / "full" / "serving.kserve.io_clusterservingruntimes.yaml"
+    cluster.apply_crds(*sorted(folder.glob("monitoring.coreos.com_*.yaml")), kserve_crd(), runtimes)
 
 
 def prometheus_operator_module() -> str:

@@ -1,5 +1,7 @@
 """`helm install` into the local control plane: every object of the chart, monitoring ones
-included, is accepted by the API server (the real CRD schemas of prometheus-operator)."""
+included, is accepted by the API server (the real CRD schemas of prometheus-operator), and the
+kubetune-serve ClusterServingRuntime is installed because the cluster serves KServe's CRD (Helm's
+capabilities, read from the API server's discovery)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def test_helm_install_succeeds_and_every_object_is_stored(cluster: Cluster, rele
     assert missing == []
     kinds = {d["kind"] for d in release.manifest}
     assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service",
-            "ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+            "ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget",
+            "ClusterServingRuntime"} <= kinds
 
 
 def test_the_stored_dashboard_carries_grafanas_label(cluster: Cluster, release: Release) -> None:

@@ -1,14 +1,17 @@
 """The kubetune-serve runtime against KServe's real CRDs (from KServe's Go module): the
-ClusterServingRuntime kubetune ships (serving/clusterservingruntime.yaml) and the
+ClusterServingRuntime kubetune ships (the Helm chart's templates/servingruntime.yaml, rendered by
+helm as for a cluster with KServe) and the
 InferenceServices the operator renders for `serving.runtime: kubetune` (a whole image
 classifier; prompt-tuning and bottleneck adapters sharing one base) are accepted by the API
 server as they are, not merely stored by a test double."""
 
 from __future__ import annotations
 
+import subprocess
+
 import yaml
 
-from e2e.conftest import KSERVE, REPO, Cluster, go_module_dir
+from e2e.conftest import CHART, KSERVE, Cluster, go_module_dir
 from kubetune.api.modeladapter import ModelAdapter
 from kubetune.publish import kserve
 
@@ -23,11 +26,17 @@ def test_kserve_accepts_the_kubetune_serve_runtime_and_its_inferenceservices(
 ) -> None:
     crd = go_module_dir(KSERVE) / "config" / "crd" / "full" / "serving.kserve.io_clusterservingruntimes.yaml"
     cluster.apply_crds(crd)
-    runtime = REPO / "serving" / "clusterservingruntime.yaml"
-    proc = cluster.kubectl("apply", "--dry-run=server", "-o", "yaml", "-f", str(runtime))
+    runtime = subprocess.run(
+        [str(cluster.bin_dir / "helm"), "template", "kt", str(CHART), "--namespace", "kubetune-system",
+         "--api-versions", "serving.kserve.io/v1alpha1/ClusterServingRuntime",
+         "--show-only", "templates/servingruntime.yaml"], check=True, capture_output=True, text=True, timeout=120,
+    ).stdout
+    proc = cluster.kubectl("apply", "--dry-run=server", "-o", "yaml", "-f", "-", input=runtime)
     stored = yaml.safe_load(proc.stdout)
     assert stored["metadata"]["name"] == kserve.KUBETUNE_RUNTIME
     assert [f["name"] for f in stored["spec"]["supportedModelFormats"]] == [kserve.KUBETUNE_FORMAT]
+    (container,) = stored["spec"]["containers"]
+    assert container["securityContext"] == yaml.safe_load(runtime)["spec"]["containers"][0]["securityContext"]
 
     classifier = adapter("digits", mergedUri="pvc://runs/vision/classify", serving={"runtime": "kubetune", "gpus": 0})
     base = "pvc://runs/chat/sft"

@@ -12,6 +12,8 @@ registry entry names the model head (`head`), so a causal LM, a reward model and
 classifier are told apart by the table, not by guessing; a folder without metrics.json (a model
 from elsewhere) is read by its config's architecture. `<stage>/merged/`, when the stage wrote
 it, is served in place of base + adapter: it is the same model, without the adapter's cost.
+A diffusion stage's folder is a diffusers pipeline (`model_index.json`; after LoRA, its fused
+`merged/`), loaded whole with `DiffusionPipeline.from_pretrained`.
 
 Adapters on one base share it where peft can switch between them on one copy of the base
 (LoRA-family adapters of one kind, as vLLM's `--lora-modules` does); prompt- and prefix-tuning
@@ -33,10 +35,13 @@ from kubetune.api import registry
 log = logging.getLogger("kubetune_serve")
 
 ADAPTER_CONFIG = "adapter_config.json"
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder (diffusion stages)
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 # A folder without metrics.json: its config's architecture names the head.
 ARCHITECTURE_HEADS = (
     ("ForCausalLM", "causalLM"), ("LMHeadModel", "causalLM"),
     ("ForSequenceClassification", "reward"), ("ForImageClassification", "imageClassification"),
+    ("CLIPModel", "contrastiveImageText"),
 )
 PEFT_TASK_HEADS = {"CAUSAL_LM": "causalLM", "SEQ_CLS": "reward"}
 
@@ -91,6 +96,12 @@ def inspect(path: Path, base: Path | None = None) -> Stage:
     stage_type = metrics.get("type")
     method = str(metrics.get("method") or "full")
     head: str | None = registry.get(stage_type).head if stage_type else None
+    for folder in (path / "merged", path):  # a diffusers pipeline (diffusion stages): the fused one first
+        if (folder / PIPELINE_INDEX).exists():
+            return Stage(folder, "diffusionUNet", stage_type, method)
+    if (path / DIFFUSERS_LORA).exists():
+        raise ValueError(f"{path} holds a diffusers LoRA adapter without its fused pipeline; serve a stage that "
+                         "wrote merged/ (spec.output.merge: true, or publish the job, which merges it)")
     if (path / "merged" / "config.json").exists():
         return Stage(path / "merged", head or _head_of_config(path / "merged"), stage_type, method)
     adapter = _read_json(path / ADAPTER_CONFIG)
@@ -157,6 +168,10 @@ def processing_class(stage: Stage) -> Any:
         from transformers import AutoImageProcessor
 
         return AutoImageProcessor.from_pretrained(str(stage.path))
+    if stage.head == "contrastiveImageText":  # CLIP: its CLIPProcessor (image processor and tokenizer)
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(stage.path))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(stage.path))
@@ -184,6 +199,18 @@ def load(stage: Stage) -> Any:
     return model.to(device()).eval()
 
 
+def load_pipeline(stage: Stage) -> Any:
+    """A diffusers pipeline folder (what a diffusion stage writes), on the serving device."""
+    from diffusers import DiffusionPipeline
+
+    from kubetune_trainer.recipes.diffusion import quiet
+
+    with quiet():
+        pipe = DiffusionPipeline.from_pretrained(str(stage.path), dtype=dtype())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device())
+
+
 @dataclass
 class Served:
     """One served name's model: `model` runs it after `activate()`; `lock` guards a shared base."""
@@ -208,6 +235,10 @@ def load_language_models(stages: dict[str, Stage]) -> dict[str, Served]:
     served: dict[str, Served] = {}
     shared: dict[tuple[Path, str], Served] = {}
     for name, stage in stages.items():
+        if stage.head == "diffusionUNet":
+            served[name] = Served(name, stage, load_pipeline(stage), None)
+            log.info("Loaded pipeline name=%s path=%s class=%s", name, stage.path, type(served[name].model).__name__)
+            continue
         tokenizer = processing_class(stage)
         key = (stage.base.resolve(), stage.peft_type or "") if stage.base is not None else None
         if key is not None and stage.shares_base and key in shared:

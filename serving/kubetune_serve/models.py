@@ -10,6 +10,15 @@
     imageClassification  v1 {"instances": [{"image": {"b64": ...}} | {"b64": ...} | "<base64>", ...]}
                                                                      -> {"predictions": [[{"label", "score"}, ...], ...]}
                          v2 input "image" (BYTES, encoded image)     -> outputs "label" (BYTES), "score" (FP32)
+    contrastiveImageText v1 {"instances": ["text" | {"text"} | {"image": {"b64": ...}, "labels"?: [...]}, ...],
+                             "labels"?: [...], "promptTemplate"?: "a photo of a {label}"}
+                                                                     -> {"predictions": [{"embedding": [...],
+                                                                         "labels"?: [{"label", "score"}, ...]}, ...]}
+                         v2 inputs "text", "image", "labels" (BYTES) -> outputs "text_embedding", "image_embedding"
+                                                                        (FP32 [n, dim]), "label", "score", "scores"
+    diffusionUNet        v1 {"instances": ["prompt" | {"prompt", "seed", "steps", "guidanceScale"}, ...]}
+                                                                     -> {"predictions": [{"image": {"b64": PNG}}, ...]}
+                         v2 input "text" (BYTES)                     -> output "image" (BYTES, base64 PNG)
 
 A request KServe cannot read, or whose instances are not what the model takes, gets
 `kserve.errors.InvalidInput`, which KServe answers with 400 and the message.
@@ -197,9 +206,232 @@ class ImageClassifier(kserve.Model):  # type: ignore[misc]
         return {"predictions": results}
 
 
+# --- CLIP: embeddings and zero-shot labels ---------------------------------------------------
+
+
+def clip_prompt_template(served: Served) -> str:
+    """The prompt each candidate label is put into: the clip stage's clip.promptTemplate, as its metrics.json
+    records it (beside the model, or one folder up from merged/), else the recipe's default."""
+    from kubetune.api.registry import ClipSpec
+
+    from kubetune_serve.loading import _read_json
+
+    path = served.stage.path
+    for folder in (path, path.parent) if path.name == "merged" else (path,):
+        zero_shot = _read_json(folder / "metrics.json").get("zeroShot")
+        if isinstance(zero_shot, dict) and isinstance(zero_shot.get("promptTemplate"), str):
+            return str(zero_shot["promptTemplate"])
+    return str(ClipSpec.model_fields["prompt_template"].default)
+
+
+def _candidate_labels(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, (str, bytes)) for v in value):
+        raise InvalidInput('"labels" must be a non-empty list of texts: the candidate labels of the images')
+    return [_text(v) for v in value]
+
+
+def _prompt_template(value: Any, default: str) -> str:
+    value = getattr(value, "string_param", value)  # a gRPC InferParameter
+    if value is None:
+        return default
+    if not isinstance(value, str) or "{label}" not in value:
+        raise InvalidInput('"promptTemplate" must be a text with {label} in it, e.g. "a photo of a {label}"')
+    return value
+
+
+class ImageText(kserve.Model):  # type: ignore[misc]
+    """A CLIP model (a clip stage's CLIPModel with its CLIPProcessor): unit-length embeddings of texts and of
+    images, and an image's zero-shot labels among candidate labels: each label put into the prompt template
+    (the stage's clip.promptTemplate, or the request's `promptTemplate`) and scored as CLIP does, the softmax
+    of the temperature-scaled cosine similarities, best first (the trainer's zeroShotAccuracy picks the same
+    best label).
+
+        v1 {"instances": ["text" | {"text"} | {"image": {"b64"}, "labels"?}, ...], "labels"?, "promptTemplate"?}
+           -> {"predictions": [{"embedding"} | {"embedding", "labels": [{"label", "score"}, ...]}, ...]}
+        v2 inputs "text" (BYTES), "image" (BYTES), "labels" (BYTES; parameter "promptTemplate")
+           -> outputs "text_embedding", "image_embedding" (FP32 [n, dim]); with labels "label" (BYTES),
+              "score" (FP32) and "scores" (FP32 [images, labels])
+    """
+
+    def __init__(self, served: Served) -> None:
+        super().__init__(served.name)
+        self.served = served
+        self.template = clip_prompt_template(served)
+        self.ready = True
+
+    def run(self, texts: list[str], images: list[Any],
+            zero_shot: list[tuple[list[str], str] | None]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """(text embeddings, image embeddings, per image: its candidate labels' probabilities or None)."""
+        model, processor = self.served.model, self.served.processing_class
+
+        def embed_texts(texts: list[str]) -> torch.Tensor:  # as recipes/clip.py's, without the trainer's imports
+            enc = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                                      max_length=int(model.config.text_config.max_position_embeddings))
+            enc = enc.to(next(model.parameters()).device)
+            features = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            return torch.nn.functional.normalize(features.pooler_output.float(), dim=-1)
+
+        with self.served.lock, torch.no_grad():
+            self.served.activate()
+            text = embed_texts(texts) if texts else torch.empty(0)
+            image = torch.empty(0)
+            if images:
+                weight = next(model.parameters())
+                pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(weight.device, weight.dtype)
+                features = model.get_image_features(pixel_values=pixels).pooler_output.float()
+                image = torch.nn.functional.normalize(features, dim=-1)
+            scale = float(model.logit_scale.exp())
+            prompts: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
+            probabilities: list[torch.Tensor | None] = []
+            for i, candidates in enumerate(zero_shot):
+                if candidates is None:
+                    probabilities.append(None)
+                    continue
+                labels, template = candidates
+                key = (tuple(labels), template)
+                if key not in prompts:
+                    prompts[key] = embed_texts([template.replace("{label}", x) for x in labels])
+                probabilities.append((scale * image[i] @ prompts[key].T).softmax(-1))
+        return text.cpu(), image.cpu(), [p if p is None else p.cpu() for p in probabilities]
+
+    def v1(self, payload: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[tuple[list[str], str] | None]]:
+        """The instances as ("text", str) or ("image", PIL image), and each image's (labels, template) or None."""
+        items, _ = instances(payload, "text")
+        labels = _candidate_labels(payload.get("labels"))
+        template = _prompt_template(payload.get("promptTemplate"), self.template)
+        parsed: list[tuple[str, Any]] = []
+        zero_shot: list[tuple[list[str], str] | None] = []
+        for item in items:
+            if isinstance(item, (str, bytes)) or (isinstance(item, dict) and "text" in item and "image" not in item):
+                parsed.append(("text", _text(item["text"] if isinstance(item, dict) else item)))
+            elif isinstance(item, dict) and "text" not in item and any(k in item for k in ("image", "image_bytes", "b64")):
+                parsed.append(("image", decode_image(item)))
+                mine = _candidate_labels(item.get("labels")) or labels
+                zero_shot.append(None if mine is None else (mine, template))
+            else:
+                raise InvalidInput('each instance is a text ("..." or {"text": "..."}) or an image ({"image": {"b64": '
+                                   '"..."}, "labels": [...]}), not both')
+        return parsed, zero_shot
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Any:
+        if isinstance(payload, InferRequest):
+            return await self.predict_v2(payload)
+        if not isinstance(payload, dict):
+            raise InvalidInput('the request body must be a JSON object with "instances" (v1) or "inputs" (v2)')
+        parsed, zero_shot = self.v1(payload)
+        texts = [v for kind, v in parsed if kind == "text"]
+        images = [v for kind, v in parsed if kind == "image"]
+        text, image, probabilities = await asyncio.to_thread(self.run, texts, images, zero_shot)
+        out, t, i = [], 0, 0
+        for kind, _ in parsed:
+            if kind == "text":
+                out.append({"embedding": text[t].tolist()})
+                t += 1
+                continue
+            prediction: dict[str, Any] = {"embedding": image[i].tolist()}
+            probs, candidates = probabilities[i], zero_shot[i]
+            if probs is not None and candidates is not None:
+                order = probs.argsort(descending=True).tolist()
+                prediction["labels"] = [{"label": candidates[0][j], "score": float(probs[j])} for j in order]
+            out.append(prediction)
+            i += 1
+        return {"predictions": out}
+
+    async def predict_v2(self, payload: InferRequest) -> InferResponse:
+        by_name = {i.name: i for i in payload.inputs}
+        unknown = set(by_name) - {"text", "image", "labels"}
+        if unknown or not ({"text", "image"} & set(by_name)):
+            raise InvalidInput(f"send the inputs text and/or image (BYTES), and labels with an image; got "
+                               f"{', '.join(sorted(by_name)) or 'none'}")
+        if "labels" in by_name and "image" not in by_name:
+            raise InvalidInput("labels are the candidate labels of images: send an image input with them")
+
+        def values(name: str) -> list[Any]:
+            return by_name[name].as_numpy().reshape(-1).tolist() if name in by_name else []
+
+        texts = [_text(v) for v in values("text")]
+        images = [decode_image(v) for v in values("image")]
+        labels = _candidate_labels(values("labels") or None)
+        params = payload.parameters or {}
+        template = _prompt_template(params.get("promptTemplate") if hasattr(params, "get") else None, self.template)
+        zero_shot = [None if labels is None else (labels, template) for _ in images]
+        text, image, probabilities = await asyncio.to_thread(self.run, texts, images, zero_shot)
+        outputs = []
+        for name, embeddings in (("text_embedding", text), ("image_embedding", image)):
+            if len(embeddings):
+                outputs.append(InferOutput(name=name, shape=list(embeddings.shape), datatype="FP32",
+                                           data=embeddings.reshape(-1).tolist()))
+        if labels is not None and images:
+            scores = torch.stack([p for p in probabilities if p is not None])
+            best = scores.argmax(-1).tolist()
+            outputs += [InferOutput(name="label", shape=[len(best)], datatype="BYTES", data=[labels[j] for j in best]),
+                        InferOutput(name="score", shape=[len(best)], datatype="FP32",
+                                    data=scores.max(-1).values.tolist()),
+                        InferOutput(name="scores", shape=list(scores.shape), datatype="FP32",
+                                    data=scores.reshape(-1).tolist())]
+        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs)
+
+
+DEFAULT_STEPS = 25  # denoising steps of a request that names none (DDIM on the pipeline's schedule)
+MAX_STEPS = 200
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of a request that names none (diffusers' pipelines' default)
+MAX_IMAGES = 8  # instances per request
+
+
+class TextToImage(kserve.Model):  # type: ignore[misc]
+    """A diffusers pipeline a diffusion stage wrote: a PNG for each prompt (DDIM, classifier-free guidance)."""
+
+    def __init__(self, served: Served) -> None:
+        super().__init__(served.name)
+        self.served = served
+        self.ready = True
+
+    def request(self, item: Any) -> dict[str, Any]:
+        """A prompt with its options: a text, or {"prompt", "seed", "steps", "guidanceScale"}."""
+        options = item if isinstance(item, dict) else {"prompt": item}
+        prompt = _text(options.get("prompt"))
+        try:
+            seed, steps = int(options.get("seed", 0)), int(options.get("steps", DEFAULT_STEPS))
+            guidance = float(options.get("guidanceScale", DEFAULT_GUIDANCE))
+        except (TypeError, ValueError):
+            raise InvalidInput("seed and steps are integers, guidanceScale a number") from None
+        if not 1 <= steps <= MAX_STEPS:
+            raise InvalidInput(f"steps must be between 1 and {MAX_STEPS}")
+        return {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance}
+
+    def draw(self, requests: list[dict[str, Any]]) -> list[str]:
+        """Base64 PNGs, one per request, each from its own seed."""
+        from kubetune_trainer.recipes.diffusion import generate
+
+        out = []
+        with self.served.lock:
+            for r in requests:
+                image = generate(self.served.model, [r["prompt"]], 1, r["steps"], r["guidance"], seed=r["seed"])[0][0]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        return out
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Any:
+        items, v2 = instances(payload, "text")
+        if len(items) > MAX_IMAGES:
+            raise InvalidInput(f"at most {MAX_IMAGES} prompts per request")
+        pngs = await asyncio.to_thread(self.draw, [self.request(i) for i in items])
+        if v2:
+            return v2_response(payload, self.name, {"image": ("BYTES", pngs)})
+        return {"predictions": [{"image": {"b64": p}} for p in pngs]}
+
+
 # head -> the kserve.Model that serves it
-MODELS: dict[str, type[LanguageModel] | type[RewardModel] | type[ImageClassifier]] = {
+MODELS: dict[str, type[LanguageModel] | type[RewardModel] | type[ImageClassifier] | type[TextToImage]
+             | type[ImageText]] = {
     "causalLM": LanguageModel,
     "reward": RewardModel,
     "imageClassification": ImageClassifier,
+    "contrastiveImageText": ImageText,
+    "diffusionUNet": TextToImage,
 }

@@ -223,3 +223,22 @@ def test_an_rlhf_chain_hands_the_policy_past_the_reward_model() -> None:
     assert rl.model_uri == rl.reference_model_uri == "s3://b/out/sft/merged"
     assert rl.reward_model_uri == "s3://b/out/rm"
     assert rm.reward_model_uri is None and rm.reference_model_uri is None
+
+
+def test_asr_after_audio_pretrain_starts_from_the_pretrained_encoder() -> None:
+    """audioPretrain (model.init wav2vec2) -> asr: the CTC stage starts from the pretrained encoder,
+    though its head (ctc) differs from the pretraining one (the registry row's `continues`)."""
+    from kubetune.api.finetunejob import FineTuneJob
+    from kubetune.api.stagerun import render_stage_run
+
+    job = FineTuneJob.model_validate({
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "speech"},
+        "spec": {"model": {"init": {"architecture": "wav2vec2"}}, "stages": [
+            {"name": "pre", "type": "audioPretrain", "dataset": {"uri": "file://u.jsonl", "format": "audio"}},
+            {"name": "ctc", "type": "asr", "dataset": {"uri": "file://t.jsonl", "format": "audioTranscript"}},
+        ]},
+    })
+    assert validate_object(job.to_wire() | {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"}) == []
+    pre, ctc = render_stage_run(job, 0, "s3://b/out"), render_stage_run(job, 1, "s3://b/out")
+    assert pre.model_uri is None and pre.model_init is not None and pre.model_init.architecture == "wav2vec2"
+    assert ctc.model_uri == "s3://b/out/pre" and ctc.model_init is None

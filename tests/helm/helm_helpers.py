@@ -7,8 +7,9 @@ Schemas (kubeconform has no network here, and its default registry is a web site
 - built-in kinds: the OpenAPI (swagger.json) of the Kubernetes version the local cluster runs,
   from the k8s.io/kubernetes Go module;
 - kubetune's and kopf's CRDs (the chart's copies), the Kubeflow PyTorchJob CRD (from the
-  training-operator module, via e2e/cluster/build), and prometheus-operator's ServiceMonitor,
-  PodMonitor and PrometheusRule CRDs (from its Go module).
+  training-operator module, via e2e/cluster/build), prometheus-operator's ServiceMonitor,
+  PodMonitor and PrometheusRule CRDs (from its Go module), and KServe's ClusterServingRuntime CRD
+  (from its Go module, the version the e2e tests run).
 Every object schema without x-kubernetes-preserve-unknown-fields refuses unknown fields.
 """
 
@@ -31,6 +32,9 @@ BUILD = REPO / "e2e" / "cluster" / "build"
 K8S_MODULES = REPO / "e2e" / "cluster" / "modules" / "kubernetes"
 PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 MONITORING_CRDS = ("servicemonitors", "podmonitors", "prometheusrules")
+KSERVE = "github.com/kserve/kserve@v0.15.2"  # as e2e/conftest.py
+# What `--api-versions` tells `helm template` for a cluster with KServe (the chart's runtime needs it).
+KSERVE_RUNTIME_API = "serving.kserve.io/v1alpha1/ClusterServingRuntime"
 # kubeconform's path template: <group>/<kind>_<version>.json ("v1" is the core group's folder).
 SCHEMA_LOCATION = "{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
 
@@ -66,11 +70,15 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def template(values: dict[str, Any] | None = None, *, release: str = "kt", namespace: str = "kubetune-system",
-             tmp: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`helm template` of the chart with `values` (a values file, as a user would write it)."""
+             tmp: Path, check: bool = True, api_versions: tuple[str, ...] = (),
+             show_only: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with `values` (a values file, as a user would write it), as for a
+    cluster that serves `api_versions` (besides the built-in ones) too."""
     values_file = tmp / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.yaml"
     values_file.write_text(yaml.safe_dump(values or {}))
-    return helm("template", release, str(CHART), "--namespace", namespace, "--values", str(values_file), check=check)
+    extra = [f"--api-versions={v}" for v in api_versions] + ([f"--show-only={show_only}"] if show_only else [])
+    return helm("template", release, str(CHART), "--namespace", namespace, "--values", str(values_file), *extra,
+                check=check)
 
 
 def documents(text: str) -> list[dict[str, Any]]:
@@ -122,6 +130,11 @@ def monitoring_crds() -> list[Path]:
     """prometheus-operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs."""
     folder = _go_module_dir(PROMETHEUS_OPERATOR) / "example" / "prometheus-operator-crd"
     return [folder / f"monitoring.coreos.com_{plural}.yaml" for plural in MONITORING_CRDS]
+
+
+def kserve_runtime_crd() -> Path:
+    """KServe's ClusterServingRuntime CRD."""
+    return _go_module_dir(KSERVE) / "config" / "crd" / "full" / "serving.kserve.io_clusterservingruntimes.yaml"
 
 
 def pytorchjob_crd() -> Path:
@@ -213,7 +226,8 @@ def schema_dir(root: Path) -> Path:
                 "properties": _envelope(api_version, gvk["kind"]),
                 "required": ["apiVersion", "kind"],
             })
-    crd_files = [*sorted((CHART / "files" / "crds").glob("*.yaml")), pytorchjob_crd(), *monitoring_crds()]
+    crd_files = [*sorted((CHART / "files" / "crds").glob("*.yaml")), pytorchjob_crd(), *monitoring_crds(),
+                 kserve_runtime_crd()]
     object_meta = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
     for path in crd_files:
         for crd in yaml.safe_load_all(path.read_text()):

@@ -13,7 +13,8 @@ import yaml
 from helm_helpers import CHART, template
 
 VALUES = CHART / "values.yaml"
-KUBERNETES_OBJECTS = ("resources.", "podSecurityContext.", "securityContext.", "metrics.podMonitor.namespaceSelector.")
+KUBERNETES_OBJECTS = ("resources.", "podSecurityContext.", "securityContext.", "metrics.podMonitor.namespaceSelector.",
+                      "servingRuntime.resources.", "servingRuntime.securityContext.")
 
 
 def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -89,6 +90,8 @@ BAD_VALUES = [
     ({"trainer": {"securityContext": {"runAsUser": 0}}}, "/trainer/securityContext/runAsUser"),
     ({"trainer": {"validation": {"tolerations": [{"value": "x"}]}}}, "/trainer/validation/tolerations/0"),
     ({"crds": {"install": "yes"}}, "/crds/install"),
+    ({"servingRuntime": {"image": {"pullPolicy": "Sometimes"}}}, "/servingRuntime/image/pullPolicy"),
+    ({"servingRuntime": {"enable": False}}, "servingRuntime"),  # misspelt: refused, not ignored
 ]
 
 

@@ -129,12 +129,17 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path) -> None:
     assert _complete_checkpoints(stage_dir)
 
 
-@pytest.mark.parametrize(("stage_type", "data_format"), [("diffusion", "imageCaption"), ("asr", "audioTranscript")])
+@pytest.mark.parametrize(("stage_type", "data_format"), [("asr", "audioTranscript")])
 def test_stage_types_without_a_recipe_are_refused_before_anything_runs(
     tmp_path: Path, stage_type: str, data_format: str
 ) -> None:
     manifest = _manifest(tmp_path, "unbuilt", max_steps=5, stage_type=stage_type, data_format=data_format)
-    result = _run(["run", str(manifest)], tmp_path)
+    # every stage type has its recipe today: mark one as having none, as a row added before its recipe would be
+    unbuilt = ("import sys; from dataclasses import replace; from kubetune.api import registry; "
+               f"registry.STAGE_TYPES[{stage_type!r}] = replace(registry.get({stage_type!r}), implemented=False); "
+               "from kubetune.cli import main; sys.exit(main())")
+    result = subprocess.run([sys.executable, "-c", unbuilt, "run", str(manifest)], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert f"stage type {stage_type} is not implemented yet" in result.stdout
     assert not (tmp_path / "runs").exists()

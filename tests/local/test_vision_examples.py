@@ -1,5 +1,5 @@
 """The vision examples as a user runs them: the generated images, `kubetune run`, and a model that
-learned them (imageClassification and clip end to end through the local runner)."""
+learned them (imageClassification, clip, and clip then diffusion end to end through the local runner)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,22 @@ def shapes_learned(stage: Path, metrics: dict[str, Any]) -> None:
     assert (stage / "processor_config.json").exists() and (stage / "tokenizer.json").exists()
 
 
+def digits_drawn(stage: Path, metrics: dict[str, Any]) -> None:
+    assert metrics["after"]["evalLoss"] <= 0.6 * metrics["before"]["evalLoss"], metrics  # down by 40% or more
+    assert (stage / "model_index.json").exists() and (stage / "unet" / "config.json").exists()
+    for name in ("samples_before.png", "samples_after.png"):
+        from PIL import Image
+
+        with Image.open(stage / name) as png:
+            png.load()
+            assert png.format == "PNG" and png.height >= 10 * 64  # a row per held-out caption
+
+
 # example, its stage, the generator of its data, what it must have learned
 EXAMPLES: list[tuple[str, str, str, Callable[[Path, dict[str, Any]], None]]] = [
     ("vision-tiny", "digits", "make_digits", digits_learned),
     ("clip-tiny", "shapes", "make_shapes", shapes_learned),
+    ("diffusion-tiny", "generate", "make_digits", digits_drawn),  # clip, then diffusion on its text tower
 ]
 
 

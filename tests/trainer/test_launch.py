@@ -44,7 +44,14 @@ def test_an_oom_wrapped_in_another_error_stays_retryable() -> None:
         assert launch.exit_code_for(outer) == launch.EXIT_OOM
 
 
-def test_unimplemented_stage_type_is_refused_permanently(trainer: Trainer, tmp_path: Path) -> None:
+def test_unimplemented_stage_type_is_refused_permanently(trainer: Trainer, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from kubetune.api import registry
+
+    # every stage type has its recipe today: mark one as having none, as a row added before its recipe would be
+    monkeypatch.setitem(registry.STAGE_TYPES, "asr", replace(registry.get("asr"), implemented=False))
     run = trainer.stage_run("asr", "asr", "audioTranscript", "sft", model=tmp_path / "none")
     code, metrics = trainer.run(run)
     assert code == launch.EXIT_PERMANENT and metrics is None

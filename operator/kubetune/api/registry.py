@@ -209,6 +209,122 @@ class ClipSpec(KubeModel):
     )
 
 
+class UNetInit(KubeModel, json_schema_extra=rules(
+    cel("self.blockOutChannels.all(c, c % self.normNumGroups == 0 && c % self.attentionHeadDim == 0)",
+        "diffusion.unet.blockOutChannels must each be a multiple of normNumGroups and of attentionHeadDim"),
+)):
+    """A UNet2DConditionModel built from scratch, in diffusers' own config names."""
+
+    sample_size: int = Field(
+        ge=4, le=1024, description="Side in pixels of the square images it generates (training images are resized "
+                                   "and centre-cropped to it).",
+    )
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [32, 64], min_length=1, max_length=6,
+        description="Channels of each resolution level, from the full-resolution one down; each next level halves "
+                    "the side. Every level but the first has cross-attention to the caption (as Stable "
+                    "Diffusion's, whose highest-resolution levels are the costliest to attend over).",
+    )
+    layers_per_block: int = Field(default=1, ge=1, le=8, description="ResNet layers per level.")
+    attention_head_dim: int = Field(
+        default=8, ge=1, le=512,
+        description="diffusers' attention_head_dim, which UNet2DConditionModel reads as the number of attention "
+                    "heads of each level (as Stable Diffusion 1.x's config does).",
+    )
+    norm_num_groups: int = Field(default=16, ge=1, le=128, description="Groups of the GroupNorm layers.")
+
+
+class DiffusionSpec(KubeModel):
+    """Text-conditioned diffusion (Stable Diffusion's recipe): a UNet predicts the noise, conditioned on a frozen
+    CLIP text encoder."""
+
+    text_encoder_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description="CLIP model (or CLIPTextModel) whose text tower and tokenizer condition the UNet; it stays "
+                    "frozen. Default: the output of the job's last clip stage, else the text encoder of the "
+                    "pipeline the stage starts from (model.uri or an earlier diffusion stage), else model.uri "
+                    "itself when it is a CLIP model.",
+    )
+    unet: UNetInit | None = Field(
+        default=None,
+        description="Build the UNet from scratch with these sizes, when the stage starts from no diffusers "
+                    "pipeline (a clip stage before it, or model.uri a CLIP model); the output is then a "
+                    "pixel-space IFPipeline folder.",
+    )
+    snr_gamma: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Min-SNR weighting of the loss (Hang et al. 2023): each timestep's MSE is weighted by "
+                    "min(SNR, snrGamma) / SNR; 5 is the paper's choice. Unset: plain MSE on the noise.",
+    )
+    caption_dropout: float = Field(
+        default=0.1, ge=0, lt=1,
+        description="Share of training captions replaced by the empty caption, so the model also learns the "
+                    "unconditional prediction that classifier-free guidance needs (Stable Diffusion's 0.1).",
+    )
+    horizontal_flip: bool = Field(
+        default=False, description="Mirror training images left-right at random (diffusers' --random_flip).",
+    )
+    guidance_scale: float = Field(
+        default=7.5, ge=1, le=50,
+        description="Classifier-free guidance of the sample grids (1: none; Stable Diffusion's 7.5 by default).",
+    )
+    inference_steps: int = Field(
+        default=50, ge=1, le=1000, description="Denoising steps of the sample grids (DDIM on the trained schedule).",
+    )
+    sample_captions: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] | None = Field(
+        default=None, max_length=16,
+        description="Captions of the sample grids made before and after training; default: the first distinct "
+                    "held-out captions (up to 10).",
+    )
+    samples_per_caption: int = Field(default=4, ge=1, le=16, description="Images per caption in the sample grids.")
+
+
+class AudioPretrainSpec(KubeModel):
+    """wav2vec 2.0 self-supervised pretraining (Baevski et al. 2020), as transformers' pretraining example runs it."""
+
+    mask_time_prob: float = Field(
+        default=0.65, gt=0, lt=1,
+        description="Share of frames to mask, in spans of maskTimeLength (transformers' mask_time_prob; spans "
+                    "overlap, so 0.65 masks about half of each clip, as the paper's start probability 0.065 does).",
+    )
+    mask_time_length: int = Field(default=10, ge=1, le=100, description="Length of each masked span, in frames (20 ms each).")
+    num_negatives: int = Field(
+        default=100, ge=1, le=1000,
+        description="Distractors sampled from the other masked frames of the same clip for each masked frame.",
+    )
+    diversity_loss_weight: float = Field(
+        default=0.1, ge=0, le=10, description="Weight of the diversity loss that keeps every codevector in use.",
+    )
+    max_gumbel_temperature: float = Field(default=2.0, gt=0, le=100, description="Gumbel-softmax temperature of the quantizer at step 0.")
+    min_gumbel_temperature: float = Field(default=0.5, gt=0, le=100, description="The temperature never falls below this.")
+    gumbel_temperature_decay: float = Field(
+        default=0.999995, gt=0, le=1,
+        description="The temperature is multiplied by this at every optimizer step (the paper's schedule over "
+                    "400k steps; lower it for short runs).",
+    )
+
+
+class AsrSpec(KubeModel):
+    """Speech recognition: wav2vec 2.0 with a CTC head (a character vocabulary from the transcripts)."""
+
+    freeze_feature_encoder: bool | None = Field(
+        default=None,
+        description="Keep the convolutional feature encoder fixed (wav2vec 2.0 CTC fine-tuning). Default: frozen "
+                    "when the model was pretrained (model.uri or an audioPretrain stage), trained when built "
+                    "from model.init.",
+    )
+    mask_time_prob: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="SpecAugment-style masking of time steps during training (wav2vec 2.0 CTC fine-tuning's 0.05).",
+    )
+    mask_time_length: int = Field(default=10, ge=1, le=100, description="Length of each masked span, in frames.")
+    augment: bool = Field(
+        default=True,
+        description="Augment training clips with torchaudio: speed perturbation (0.9, 1.0, 1.1), white noise at "
+                    "10-40 dB SNR and a gain of -6 to 6 dB, each drawn per clip; held-out clips never are.",
+    )
+
+
 # --- the table ----------------------------------------------------------------------------
 
 
@@ -233,10 +349,12 @@ class StageTypeInfo:
     reference_model: bool = False  # trains against a frozen copy of the model it starts from
     preference_dataset: bool = False  # may read a PreferenceDataset
     reward: RewardSource = "none"
+    text_encoder: bool = False  # conditions on a CLIP text encoder: its block's textEncoderUri or the last clip stage's
     implemented: bool = True  # the trainer has its recipe; otherwise refused as "not implemented yet"
     from_scratch: bool = False  # may be a job's first stage on a model built from spec.model.init
     architectures: tuple[str, ...] = ()  # the model.init architectures it builds from scratch (empty: its modality's)
     recipe: str = ""  # module under kubetune_trainer.recipes; default: the name in snake_case
+    continues: tuple[str, ...] = ()  # heads (besides its own) of earlier stages whose output it starts from
 
     def __post_init__(self) -> None:
         if not self.recipe:
@@ -275,17 +393,22 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
     StageTypeInfo("clip", ("imageCaption",), "image", "contrastiveImageText", (1e-5, 1e-4), "textToImageRecallAt1",
                   "kubetune", block=ClipSpec, from_scratch=True, architectures=("clip",)),
     StageTypeInfo("diffusion", ("imageCaption",), "image", "diffusionUNet", (1e-5, 1e-4), "evalLoss", "kubetune",
-                  implemented=False),
-    StageTypeInfo("asr", ("audioTranscript",), "audio", "speechSeq2Seq", (1e-5, 1e-4), "wordErrorRate", "kubetune",
-                  implemented=False),
-    StageTypeInfo("audioPretrain", ("audio",), "audio", "speechPretraining", (5e-5, 5e-5), "evalLoss", "kubetune",
-                  implemented=False),
+                  block=DiffusionSpec, block_help="Settings of diffusion stages (a text-conditioned UNet).",
+                  text_encoder=True),
+    # asr's head follows the model: wav2vec2 gets a CTC head, whisper is a seq2seq model (recipes/asr.py)
+    StageTypeInfo("asr", ("audioTranscript",), "audio", "ctc", (1e-4, 1e-3), "wordErrorRate", "kubetune",
+                  block=AsrSpec, block_help="Settings of asr stages (wav2vec 2.0 CTC).", from_scratch=True,
+                  architectures=("wav2vec2",), continues=("speechPretraining",)),
+    StageTypeInfo("audioPretrain", ("audio", "audioTranscript"), "audio", "speechPretraining", (5e-4, 5e-4),
+                  "evalLoss", "kubetune", block=AudioPretrainSpec, block_help="Settings of audioPretrain stages "
+                  "(wav2vec 2.0 masked contrastive pretraining).", from_scratch=True, architectures=("wav2vec2",)),
 )}
 
 # Architectures `spec.model.init` can build, and their modality (the speech stages add theirs).
 ARCHITECTURES: dict[str, Modality] = {
     "llama": "text", "qwen2": "text", "gpt2": "text", "vit": "image", "convnext": "image", "resnet": "image",
     "clip": "image",  # a vision and a text tower (CLIPModel); its tokenizer is trained on the captions
+    "wav2vec2": "audio",  # a convolutional feature encoder and a transformer on 16 kHz samples (20 ms frames)
 }
 
 # --- tuning methods -------------------------------------------------------------------------

@@ -65,6 +65,11 @@ class StageRunBase(KubeModel):
     reward_model_uri: str | None = Field(
         default=None, description="Reward model scoring samples (ppo, grpo): the block's rewardModelUri or the last reward stage's output."
     )
+    text_encoder_uri: str | None = Field(
+        default=None,
+        description="CLIP text encoder conditioning the stage (diffusion): the block's textEncoderUri or the last clip "
+                    "stage's output; none: the one of the pipeline the stage starts from.",
+    )
     trust_remote_code: bool = Field(default=False, description="Allow the model's own code to run.")
     dataset: StageData = Field(description="The stage's data.")
     tuning: TuningSpec = Field(description="Which weights train.")
@@ -125,13 +130,14 @@ def start_of(job: FineTuneJob, index: int, output_base: str) -> tuple[str | None
 def input_stage(job: FineTuneJob, index: int) -> Stage | None:
     """The stage whose output stage `index` starts from; None: spec.model.
 
-    The last earlier stage with the same model head, or with a causal-LM head: a reward model
+    The last earlier stage with the same model head, with a causal-LM head, or with a head the stage
+    type `continues` (asr after audioPretrain: a CTC head on the pretrained encoder): a reward model
     branches off the policy line (InstructGPT's SFT -> reward model -> PPO), so it starts from the
     policy before it, and the stage after it starts from that policy again, not from the reward model.
     """
-    head = registry.get(job.spec.stages[index].type).head
+    info = registry.get(job.spec.stages[index].type)
     for stage in reversed(job.spec.stages[:index]):
-        if registry.get(stage.type).head in (head, "causalLM"):
+        if registry.get(stage.type).head in (info.head, "causalLM", *info.continues):
             return stage
     return None
 
@@ -147,6 +153,19 @@ def reward_model_uri(job: FineTuneJob, index: int, output_base: str) -> str | No
     if uri:
         return uri
     earlier = [s for s in job.spec.stages[:index] if registry.get(s.type).head == "reward"]
+    return stage_model_uri(output_base, earlier[-1]) if earlier else None
+
+
+def text_encoder_uri(job: FineTuneJob, index: int, output_base: str) -> str | None:
+    """The text encoder of stage `index` (stage types that condition on one): its block's textEncoderUri,
+    else the output of the last clip stage before it; None: the pipeline's own, or model.uri's."""
+    stage = job.spec.stages[index]
+    if not registry.get(stage.type).text_encoder:
+        return None
+    uri: str | None = getattr(getattr(stage, stage.type, None), "text_encoder_uri", None)
+    if uri:
+        return uri
+    earlier = [s for s in job.spec.stages[:index] if registry.get(s.type).head == "contrastiveImageText"]
     return stage_model_uri(output_base, earlier[-1]) if earlier else None
 
 
@@ -194,6 +213,7 @@ def render_stage_run(
         model_init=model_init,
         reference_model_uri=model_uri if info.reference_model else None,
         reward_model_uri=reward_model_uri(job, index, output_base),
+        text_encoder_uri=text_encoder_uri(job, index, output_base),
         trust_remote_code=spec.model.trust_remote_code,
         dataset=dataset,
         tuning=stage.tuning,

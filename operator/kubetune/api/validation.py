@@ -138,6 +138,39 @@ def _article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
+def _diffusion_problems(job: FineTuneJob, i: int, p: str) -> list[Problem]:
+    """A stage that conditions on a text encoder needs one, and a UNet to start from or sizes to build one.
+    With spec.model.uri either may come from the pipeline there (known only when the trainer opens it)."""
+    stage = job.spec.stages[i]
+    info = registry.get(stage.type)
+    if not info.text_encoder:
+        return []
+    block = getattr(stage, stage.type, None)
+    out = []
+    source = input_stage(job, i)
+    from_pipeline = source is not None or job.spec.model.uri is not None
+    clip_before = any(registry.get(s.type).head == "contrastiveImageText" for s in job.spec.stages[:i])
+    if job.spec.model.uri is None and not clip_before and not getattr(block, "text_encoder_uri", None):
+        out.append(Problem(f"{p}.{stage.type}.textEncoderUri",
+                           f"a {stage.type} stage conditions on a CLIP text encoder: set {stage.type}.textEncoderUri, "
+                           "or put a clip stage before it"))
+    unet = getattr(block, "unet", None)
+    if not from_pipeline and unet is None:
+        out.append(Problem(f"{p}.{stage.type}.unet",
+                           f"stage {stage.name} starts from no diffusers pipeline (spec.model.init builds the clip "
+                           f"model): set {stage.type}.unet to build its UNet from scratch, e.g. "
+                           "{sampleSize: 32, blockOutChannels: [32, 64]}"))
+    if unet is not None and source is not None:
+        out.append(Problem(f"{p}.{stage.type}.unet",
+                           f"stage {stage.name} continues the pipeline of stage {source.name}: remove "
+                           f"{stage.type}.unet, which builds a new UNet"))
+    if unet is not None and stage.tuning.method != "full":
+        out.append(Problem(f"{p}.tuning.method",
+                           f"{stage.type}.unet builds a UNet with random weights, which have nothing to freeze; use "
+                           "tuning.method: full"))
+    return out
+
+
 def semantic_problems(obj: BaseModel) -> list[Problem]:
     """Checks beyond the CRD that need no cluster (the operator adds the cluster ones)."""
     out: list[Problem] = []
@@ -191,6 +224,7 @@ def semantic_problems(obj: BaseModel) -> list[Problem]:
                     f"a model built from spec.model.init ({spec.model.init.architecture}) starts from random weights; "
                     f"make the first stage {_article(' or '.join(starters) or 'other')} stage",
                 ))
+        out += _diffusion_problems(obj, i, p)
         source = input_stage(obj, i)
         if source is not None and kept_apart(source) and stage.tuning.method != source.tuning.method:
             out.append(Problem(

@@ -9,7 +9,7 @@
   every adapter it serves.
 
 Runtime `kubetune` renders a predictor of model format `kubetune` on the ServingRuntime
-`kubetune-serve` (a ClusterServingRuntime the cluster admin installs with the serving image, as
+`kubetune-serve` (a ClusterServingRuntime the Helm chart installs with the serving image, as
 KServe ships its own runtimes), not a custom container: that is how a KServe user picks a model
 server, the runtime's image and resources are set once per cluster rather than by the operator,
 and KServe's storage-initializer fetches `storageUri` to /mnt/models as for every runtime.

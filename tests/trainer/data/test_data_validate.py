@@ -216,7 +216,7 @@ def test_unpaired_preference_label_must_be_boolean(tmp_path: Path) -> None:
          '"caption" is empty; write the caption or drop the row'),
         ("audioTranscript", {"audio": "a.wav", "text": "hello"}, {"audio": 7, "text": "hello"},
          '"audio" must be a file path or an object with bytes or path or array, got a number'),
-        ("audio", {"audio": {"array": [0.0, 0.1], "sampling_rate": 16000}}, {"sound": "a.wav"},
+        ("audio", {"audio": {"array": [0.0, 0.1] * 1000, "sampling_rate": 16000}}, {"sound": "a.wav"},
          'missing "audio"; add it, or map your column to it with columns: {audio: yourColumn}'),
     ],
 )
@@ -227,6 +227,11 @@ def test_media_formats_are_checked_for_shape(tmp_path: Path, fmt: str, good: Any
         for name in ("cats/1.png", "1.png"):
             (tmp_path / name).parent.mkdir(exist_ok=True)
             Image.new("RGB", (4, 4)).save(tmp_path / name)
+    if fmt.startswith("audio"):  # so are clips (test_data_audio.py)
+        import numpy as np
+        import soundfile
+
+        soundfile.write(tmp_path / "a.wav", np.full(8000, 0.1, dtype=np.float32), 16000)
     assert only_error(tmp_path, fmt, bad, good) == reason
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kubetune_trainer.data import images
+from kubetune_trainer.data import audio, images
 from kubetune_trainer.data.formats import canonical, check_columns, decode_untyped, get_format, problems, rename
 from kubetune_trainer.data.readers import Record, open_source, read_records
 from kubetune_trainer.data.report import SOURCE_LINE, DataError, RowError, ValidationReport
@@ -19,7 +19,8 @@ def load_report(
     """The valid rows (canonical) and the report on all rows; reads the source once.
 
     Image formats also decode every image and check the set as a whole (`images.check_rows`);
-    held_out: the rows are for evaluation only, so a class may have a single example.
+    held_out: the rows are for evaluation only, so a class may have a single example. Audio
+    formats decode every clip (`audio.check_rows`) and report the hours and sample rates.
 
     Raises ValueError for an unknown format or a columns mapping that names no field of it,
     FileNotFoundError when the uri holds nothing, ValueError when it holds no data files.
@@ -52,12 +53,18 @@ def load_report(
             found = found or problems(row, spec, columns)
         for reason in found:
             note(record.line, reason, record.file)
-        if not found and fmt in images.IMAGE_FORMATS:
+        if not found and fmt in images.IMAGE_FORMATS + audio.AUDIO_FORMATS:
             media.append((record, canonical(row, spec)))
         elif not found:
             report.valid_rows += 1
             rows.append(canonical(row, spec))
-    for (record, _), (row, found) in zip(media, images.check_rows(source, media, fmt, training=not held_out)):
+    if fmt in audio.AUDIO_FORMATS:
+        checked, clips = audio.check_rows(source, media)
+        report.stats["audio"] = clips
+        report.notes.append(audio.describe(clips))
+    else:
+        checked = images.check_rows(source, media, fmt, training=not held_out)
+    for (record, _), (row, found) in zip(media, checked):
         for reason in found:
             note(record.line, reason, record.file)
         if not found:

@@ -36,6 +36,10 @@ class ValidationReport:
     errors: list[RowError] = field(default_factory=list)
     checksum: str = ""
     unlisted: int = 0
+    # what the valid rows hold as a whole, by kind (e.g. "audio": hours, clips, sample rates),
+    # and a line for a person about each
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -51,6 +55,7 @@ class ValidationReport:
             "validRows": self.valid_rows,
             "errors": [e.to_dict() for e in self.errors],
             "checksum": self.checksum,
+            **({"stats": self.stats} if self.stats else {}),
         }
 
     def summary(self) -> str:
@@ -62,7 +67,7 @@ class ValidationReport:
 
     def format_text(self) -> str:
         """The summary, then one line per problem: "line 7: chosen equals rejected; ..."."""
-        lines = [self.summary()] + [e.format_text() for e in self.errors]
+        lines = [self.summary(), *self.notes] + [e.format_text() for e in self.errors]
         if self.unlisted:
             lines.append(f"... and {self.unlisted} more problems")
         return "\n".join(lines)

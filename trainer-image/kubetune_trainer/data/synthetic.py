@@ -39,6 +39,9 @@ Files written under DIR (format in brackets):
     digits/{train,validation}.jsonl          JSONL (see synthetic_images.py)
     shapes/{train,validation}.jsonl          [imageCaption] captioned shapes ("a red circle on the
     shapes/{train,validation}/*.png          left", label "circle"; see synthetic_images.py)
+    speech/{train,validation}.jsonl          [audioTranscript] espeak-ng speaking digit strings and
+    speech/unlabelled.jsonl                  words ([audio]; see synthetic_speech.py; skipped when
+                                             espeak-ng is not installed)
 """
 
 from __future__ import annotations
@@ -334,6 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = make_all(args.out, seed=args.seed, n_train=args.train, n_val=args.validation)
     paths.update(make_digits(args.out, seed=args.seed, size=args.image_size))
     paths.update(make_shapes(args.out, seed=args.seed, size=args.image_size))
+    from kubetune_trainer.data import synthetic_speech
+
+    try:
+        paths.update(synthetic_speech.make_speech(args.out, seed=args.seed))
+    except RuntimeError as e:  # no espeak-ng: the text and image sets are still useful
+        print(f"Skipped speech: {e}", file=sys.stderr)
     for key, path in paths.items():
         print(f"Wrote {key} path={path}")
     return 0

@@ -12,6 +12,11 @@ white. A stratified split by seed holds out `held_out` of each class. Written un
     digits/train.jsonl, digits/validation.jsonl
                                               the same rows as {"image": "train/3/0042.png",
                                               "label": 3} (integer labels, paths relative to the file)
+    digits/captions-train.jsonl, digits/captions-validation.jsonl
+                                              the same images captioned: {"image": "train/3/0042.png",
+                                              "caption": "a handwritten three", "label": "three"}
+                                              [imageCaption]; held-out captions all read "a handwritten
+                                              <word>", training ones also "the digit <word>" (half of them)
 
 <index> is the image's index in scikit-learn's set, so the same seed writes the same files.
 
@@ -39,6 +44,12 @@ from pathlib import Path
 from typing import Any
 
 DIGIT_CLASSES = 10
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_caption(digit: int, plain: bool = True) -> str:
+    """ "a handwritten seven" (plain), or "the digit seven"."""
+    return f"a handwritten {DIGIT_WORDS[digit]}" if plain else f"the digit {DIGIT_WORDS[digit]}"
 
 
 def digit_images(size: int = 32) -> tuple[list[Any], list[int]]:
@@ -56,7 +67,8 @@ def digit_images(size: int = 32) -> tuple[list[Any], list[int]]:
 
 def make_digits(out_dir: str | Path, seed: int = 0, size: int = 32, held_out: float = 0.2) -> dict[str, Path]:
     """Write the digits (see the module docstring); returns {"digits/train": folder, "digits/validation": folder,
-    "digits/train.jsonl": file, "digits/validation.jsonl": file}."""
+    "digits/train.jsonl": file, "digits/validation.jsonl": file, "digits/captions-train.jsonl": file,
+    "digits/captions-validation.jsonl": file}."""
     root = Path(out_dir) / "digits"
     images, labels = digit_images(size)
     rng = random.Random(seed)
@@ -69,7 +81,7 @@ def make_digits(out_dir: str | Path, seed: int = 0, size: int = 32, held_out: fl
         split["train"] += sorted(members[k:])
     paths: dict[str, Path] = {}
     for name, members in split.items():
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i in sorted(members):
             rel = f"{name}/{labels[i]}/{i:04d}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +91,12 @@ def make_digits(out_dir: str | Path, seed: int = 0, size: int = 32, held_out: fl
         index.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths[f"digits/{name}"] = root / name
         paths[f"digits/{name}.jsonl"] = index
+        plain = [name != "train" or rng.random() < 0.5 for _ in rows]
+        captioned = [{"image": r["image"], "caption": digit_caption(int(r["label"]), p),
+                      "label": DIGIT_WORDS[int(r["label"])]} for r, p in zip(rows, plain, strict=True)]
+        index = root / f"captions-{name}.jsonl"
+        index.write_text("".join(json.dumps(r) + "\n" for r in captioned))
+        paths[f"digits/captions-{name}.jsonl"] = index
     return paths
 
 

@@ -29,7 +29,8 @@ recall@1 is 1/batch): textToImageRecallAt1 (the primary one), textToImageRecallA
 and imageToTextRecallAt5. A retrieval counts when the retrieved row has the query's caption (its own
 pair, or a row with the same caption word for word, which no model could tell apart). With labels on
 the held-out rows, zeroShotAccuracy: each image gets the class whose prompt (clip.promptTemplate, "a
-photo of a {label}") is nearest to it, among the labels of the training and held-out rows.
+photo of a {label}") is nearest to it, among the labels of the training and held-out rows. metrics.json
+also records that prompt template (`zeroShot.promptTemplate`), which kubetune-serve's zero-shot labels use.
 """
 
 from __future__ import annotations
@@ -366,4 +367,6 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         after, sample_after = scores(trained, CLIPProcessor.from_pretrained(str(ctx.out)), held_out, names, spec)
         sample = {"caption": sample.pop("caption"), "before": sample,
                   "after": {k: v for k, v in sample_after.items() if k != "caption"}}
-    return common.report(run, ctx, trainer, before, after, sample, len(held_out))
+    # kubetune-serve's zero-shot labels put each candidate label into the prompt the stage was judged with
+    return {**common.report(run, ctx, trainer, before, after, sample, len(held_out)),
+            "zeroShot": {"promptTemplate": spec.prompt_template}}

@@ -70,7 +70,6 @@ def test_resources_security_context_and_env_come_from_the_values(tmp_path: Path)
 
 
 def test_its_flags_are_ones_kubetune_serve_accepts(tmp_path: Path) -> None:
-    pytest.importorskip("kserve")
     from kubetune_serve.server import DEFAULT_MODEL_DIR, parser
 
     c = container({}, tmp_path)

@@ -21,10 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,10 +35,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from serving_helpers import Server  # noqa: E402
 from trainer_helpers import TINY_INIT, Trainer  # noqa: E402
 
 torch.set_num_threads(1)
-pytest.importorskip("kserve")
 pytestmark = pytest.mark.slow  # about a minute of training (seven tiny stages) before the servers start
 
 HP = {"batchSize": 16, "maxLength": 32, "loggingSteps": 20, "saveSteps": 100000}
@@ -107,48 +104,6 @@ def trained(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
           hp={**HP, "maxLength": None, "batchSize": 32, "maxSteps": 60, "learningRate": 3e-3},
           imageClassification={"horizontalFlip": False, "cropScale": 0.8})
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """`kubetune serve ARGS` on a free port, in its own process."""
-
-    def __init__(self, *args: str, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "serve", *args, "--port", str(self.port)],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kubetune serve exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.http.get("/v2/health/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"kubetune serve not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "trainer"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+from serving_helpers import Server  # noqa: E402
 from trainer_helpers import Trainer  # noqa: E402
 
-pytest.importorskip("kserve")
 pytestmark = pytest.mark.slow  # a few minutes of training before the server starts
 
 # As tests/trainer/test_clip.py: both towers 2 blocks of width 64, 32x32 images in 8x8 patches, a 400-token BPE.
@@ -52,34 +49,14 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     return Path(run["outputUri"]), paths["shapes/validation.jsonl"], metrics
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(stage: tuple[Path, Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    port, log = _free_port(), tmp_path_factory.mktemp("logs") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", str(stage[0]), "--port", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    started = Server(str(stage[0]), log=tmp_path_factory.mktemp("logs") / "serve.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if http.get("/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield http
+        started.wait_ready()
+        yield started.http
     finally:
-        http.close()
-        proc.terminate()
-        proc.wait(timeout=30)
+        started.stop()
 
 
 def held_out(stage: tuple[Path, Path, dict[str, Any]]) -> list[tuple[str, str]]:

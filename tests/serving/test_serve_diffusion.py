@@ -7,10 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +19,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from serving_helpers import Server  # noqa: E402
 from trainer_helpers import Trainer  # noqa: E402
 
-pytest.importorskip("kserve")
 pytestmark = pytest.mark.slow
 
 HP = {"maxLength": None, "batchSize": 32, "loggingSteps": 10, "saveSteps": 100000}
@@ -48,34 +45,14 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(run["outputUri"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    port, log = _free_port(), tmp_path_factory.mktemp("logs") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", str(pipeline), "--port", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    started = Server(str(pipeline), log=tmp_path_factory.mktemp("logs") / "serve.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if http.get("/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield http
+        started.wait_ready()
+        yield started.http
     finally:
-        http.close()
-        proc.terminate()
-        proc.wait(timeout=30)
+        started.stop()
 
 
 def png(b64: str) -> bytes:

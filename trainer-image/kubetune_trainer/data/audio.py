@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kubetune_trainer.data import images
 from kubetune_trainer.data.images import base_folder
 from kubetune_trainer.data.readers import Record, Source
 
@@ -41,16 +42,11 @@ SILENCE = 1e-4  # a clip whose loudest sample is below this (of full scale) is t
 
 
 def resolve(value: Any, base: Path) -> Any:
-    """The audio value with its path made absolute (bytes and sample arrays are kept as they are)."""
-    if isinstance(value, str):
-        return str(base / value)
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return {"bytes": value["bytes"]}
-        if value.get("array") is not None:
-            return {"array": value["array"], "sampling_rate": value.get("sampling_rate")}
-        return str(base / value["path"])
-    return value  # bytes
+    """The audio value with its path made absolute, as images.resolve does; a decoded sample array
+    (a `datasets` Audio feature's) is kept as it is."""
+    if isinstance(value, dict) and value.get("bytes") is None and value.get("array") is not None:
+        return {"array": value["array"], "sampling_rate": value.get("sampling_rate")}
+    return images.resolve(value, base)
 
 
 def _shown(value: Any, base: Path) -> str:

@@ -225,12 +225,15 @@ def test_deleting_a_running_stages_pytorchjob_stops_the_job_instead_of_rerunning
 
 
 def test_a_status_write_from_a_stale_read_is_refused_so_the_reconcile_runs_again(
-    cluster: Cluster, admin_api: client.ApiClient, namespace: str
+    cluster: Cluster, admin_api: client.ApiClient, operator: Operator, namespace: str
 ) -> None:
     """Two replicas during a peering hand-over both read the job, then both write its status: the
-    second write carries a resourceVersion the first one moved on, and the API server refuses it."""
+    second write carries a resourceVersion the first one moved on, and the API server refuses it.
+    The package's operator is stopped meanwhile (later tests start it again): its own status writes
+    would move the resourceVersion under the first writer too."""
     from kubetune.controllers import common
 
+    operator.stop()
     apply(cluster, finetunejob("contested", THREE_STAGES[:1]), namespace=namespace)
     first, second = (get(admin_api, FTJ, namespace, "contested") or {} for _ in range(2))
     saved, common.RUNTIME.api = common.RUNTIME.api, admin_api

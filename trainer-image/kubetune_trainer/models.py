@@ -20,6 +20,7 @@ weights plus the tokenizer at `<output>/merged/`, which is what the next stage l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -512,12 +513,13 @@ def merge_adapter(run: StageRun, out: Path, processing_class: Any, base_loader: 
     return target
 
 
-def load_trained(run: StageRun, out: Path, base_loader: BaseLoader | None = None) -> Any:
+def load_trained(run: StageRun, out: Path, base_loader: BaseLoader | None = None, head: str | None = None) -> Any:
     """Reload what a stage wrote (model, or base + adapter) for evaluation on one process.
 
-    base_loader: how to load the base under an adapter (default: `load_base`).
+    base_loader: how to load the base under an adapter (default: `load_base`); head: the registry head
+    the stage trained (default: its stage type's).
     """
-    spec = head_of(run)
+    spec = head_of(run, head)
     cls = spec.cls()
     kwargs: dict[str, Any] = {"trust_remote_code": run.trust_remote_code, **dict(spec.kwargs)}
     if run.tuning.method == "full":
@@ -565,7 +567,7 @@ def generation_ready(model: Any) -> Any:
 HEADS.update({
     "speechPretraining": HeadSpec("Wav2Vec2ForPreTraining"),  # recipes/audio_pretrain.py
     "ctc": HeadSpec("AutoModelForCTC"),  # wav2vec 2.0 with a character head (recipes/asr.py)
-    "speechSeq2Seq": HeadSpec("AutoModelForSpeechSeq2Seq"),  # Whisper
+    "speechSeq2Seq": HeadSpec("AutoModelForSpeechSeq2Seq"),  # Whisper (recipes/asr.py)
 })
 
 
@@ -598,3 +600,76 @@ def speech_feature_extractor() -> Any:
 
     return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                                     return_attention_mask=True)
+
+
+WHISPER_WINDOW = 30  # seconds: Whisper's own window
+WHISPER_MELS = 80
+
+
+def whisper_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, language: str, task: str) -> Any:
+    """A Whisper tokenizer trained on `texts`: byte-level BPE (each text read with a leading space, as Whisper
+    writes words), <|endoftext|> first, then Whisper's special tokens in Whisper's order, <|startoftranscript|>
+    directly followed by every language token (WhisperTokenizer finds a language's token by that order)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((" " + t for t in texts), trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    tokenizer = WhisperTokenizer(vocab=bpe["vocab"], merges=merges, pad_token=EOS)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES), "<|translate|>", "<|transcribe|>",
+        "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]})
+    tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
+    return tokenizer
+
+
+def whisper_feature_extractor(window: int = WHISPER_WINDOW) -> Any:
+    """Whisper's log-Mel features (80 bins, 25 ms windows every 10 ms) of clips padded to `window` seconds."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=WHISPER_MELS, sampling_rate=16000, hop_length=160, n_fft=400,
+                                   chunk_length=window)
+
+
+def whisper_config(init: ModelInit, tokenizer: Any, **extra: Any) -> Any:
+    """A Whisper config built from scratch at model.init's sizes: numLayers encoder and decoder blocks of
+    width hiddenSize; the encoder's positions cover windowSeconds (two convolutions, the second of stride 2:
+    50 positions a second), the decoder's maxPositionEmbeddings tokens; `extra` overrides."""
+    from transformers import WhisperConfig
+
+    width, window = init.hidden_size, init.window_seconds or WHISPER_WINDOW
+    settings: dict[str, Any] = dict(
+        vocab_size=len(tokenizer), num_mel_bins=WHISPER_MELS, d_model=width,
+        encoder_layers=init.num_layers, decoder_layers=init.num_layers,
+        encoder_attention_heads=init.num_heads, decoder_attention_heads=init.num_heads,
+        encoder_ffn_dim=init.intermediate_size or 4 * width, decoder_ffn_dim=init.intermediate_size or 4 * width,
+        max_source_positions=window * 50, max_target_positions=init.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+        begin_suppress_tokens=None, suppress_tokens=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    settings.update(extra)
+    return WhisperConfig(**settings)
+
+
+def whisper_generation_config(config: Any, tokenizer: Any, language: str, task: str) -> Any:
+    """What WhisperForConditionalGeneration.generate needs to write the language and task tokens itself
+    (generate(features, language="en", task="transcribe"), and transformers' ASR pipeline): the ids of
+    every language and task token and of <|notimestamps|>, and `language` and `task` as the defaults."""
+    from transformers import GenerationConfig
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    ids = tokenizer.convert_tokens_to_ids
+    return GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, max_length=config.max_target_positions,
+        is_multilingual=True, lang_to_id={f"<|{c}|>": ids(f"<|{c}|>") for c in LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"), language=language, task=task,
+    )

@@ -129,7 +129,8 @@ class ModelInit(KubeModel, json_schema_extra=rules(
         default=512, ge=16, le=1048576, description="Longest sequence the model can attend over."
     )
     tokenizer: TokenizerInit | None = Field(
-        default=None, description="The tokenizer (text architectures): an existing one, or one trained on the data."
+        default=None, description="The tokenizer (text architectures): an existing one, or one trained on the data. clip "
+                                  "and whisper train one on the captions or transcripts when it is left out."
     )
     image_size: int | None = Field(
         default=None, ge=8, le=4096,
@@ -139,6 +140,11 @@ class ModelInit(KubeModel, json_schema_extra=rules(
         default=None, ge=1, le=512,
         description="vit and clip: side in pixels of each patch (default 16 and 32); convnext: of the stem's patches "
                     "(default 4).",
+    )
+    window_seconds: int | None = Field(
+        default=None, ge=1, le=30,
+        description="whisper: seconds of audio the encoder hears at once, every clip padded to it (default 30, "
+                    "Whisper's); a shorter window makes a small model much cheaper.",
     )
 
 

@@ -305,7 +305,8 @@ class AudioPretrainSpec(KubeModel):
 
 
 class AsrSpec(KubeModel):
-    """Speech recognition: wav2vec 2.0 with a CTC head (a character vocabulary from the transcripts)."""
+    """Speech recognition: wav2vec 2.0 with a CTC head (a character vocabulary from the transcripts), or
+    Whisper (an encoder-decoder writing the transcript's tokens after its language and task tokens)."""
 
     freeze_feature_encoder: bool | None = Field(
         default=None,
@@ -315,9 +316,19 @@ class AsrSpec(KubeModel):
     )
     mask_time_prob: float = Field(
         default=0.05, ge=0, lt=1,
-        description="SpecAugment-style masking of time steps during training (wav2vec 2.0 CTC fine-tuning's 0.05).",
+        description="SpecAugment-style masking of time steps during training (wav2vec 2.0 CTC fine-tuning's 0.05; "
+                    "Whisper: of log-Mel frames).",
     )
     mask_time_length: int = Field(default=10, ge=1, le=100, description="Length of each masked span, in frames.")
+    language: str = Field(
+        default="en", min_length=2, max_length=32,
+        description="Whisper: the language of the transcripts, as a code or a name (en, english, de, ...); its "
+                    "token follows <|startoftranscript|>.",
+    )
+    task: Literal["transcribe", "translate"] = Field(
+        default="transcribe", description="Whisper: the task token; translate when the transcripts are English "
+                                          "translations of speech in `language`.",
+    )
     augment: bool = Field(
         default=True,
         description="Augment training clips with torchaudio: speed perturbation (0.9, 1.0, 1.1), white noise at "
@@ -397,8 +408,8 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
                   text_encoder=True),
     # asr's head follows the model: wav2vec2 gets a CTC head, whisper is a seq2seq model (recipes/asr.py)
     StageTypeInfo("asr", ("audioTranscript",), "audio", "ctc", (1e-4, 1e-3), "wordErrorRate", "kubetune",
-                  block=AsrSpec, block_help="Settings of asr stages (wav2vec 2.0 CTC).", from_scratch=True,
-                  architectures=("wav2vec2",), continues=("speechPretraining",)),
+                  block=AsrSpec, block_help="Settings of asr stages (wav2vec 2.0 CTC and Whisper).", from_scratch=True,
+                  architectures=("wav2vec2", "whisper"), continues=("speechPretraining",)),
     StageTypeInfo("audioPretrain", ("audio", "audioTranscript"), "audio", "speechPretraining", (5e-4, 5e-4),
                   "evalLoss", "kubetune", block=AudioPretrainSpec, block_help="Settings of audioPretrain stages "
                   "(wav2vec 2.0 masked contrastive pretraining).", from_scratch=True, architectures=("wav2vec2",)),
@@ -409,6 +420,7 @@ ARCHITECTURES: dict[str, Modality] = {
     "llama": "text", "qwen2": "text", "gpt2": "text", "vit": "image", "convnext": "image", "resnet": "image",
     "clip": "image",  # a vision and a text tower (CLIPModel); its tokenizer is trained on the captions
     "wav2vec2": "audio",  # a convolutional feature encoder and a transformer on 16 kHz samples (20 ms frames)
+    "whisper": "audio",  # an encoder on log-Mel frames and a decoder writing tokens (its tokenizer trained on the transcripts)
 }
 
 # --- tuning methods -------------------------------------------------------------------------

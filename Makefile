@@ -9,7 +9,7 @@ PYTEST  := $(PY) -m pytest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps tools demo test unit e2e crds check clean
+.PHONY: setup system-deps tools demo test unit e2e crds check clean bench
 
 # Commands the local control plane needs, and the Debian package of each.
 SYSTEM_TOOLS := openssl:openssl curl:curl flock:util-linux espeak-ng:espeak-ng
@@ -43,6 +43,13 @@ unit: setup tools
 e2e: setup tools
 	$(PYTEST) e2e
 
+# Benchmarks (not part of `make test`; e2e/ runs each at a tiny size): figures printed and written
+# to docs/benchmarks.md (the control plane is built by the script). BENCH_N: the operator-scale
+# sizes (jobs per phase).
+BENCH_N ?= 100 300
+bench: setup system-deps
+	nice -n 10 $(PY) -m bench.operator_scale $(foreach n,$(BENCH_N),--n $(n)) --write docs/benchmarks.md
+
 # helm, kubeconform and the control plane, built from their Go modules (cached by version),
 # prometheus-operator and Prometheus (the monitoring e2e), and Debian's prometheus package for promtool.
 tools: system-deps
@@ -61,3 +68,20 @@ crds: setup
 
 clean:
 	rm -rf runs examples/data
+
+# --- container images (not part of `make test`: a cold trainer build downloads several GB) ---------
+# `make images` builds the trainer, operator and serving images with podman on a local Debian base
+# (mmdebstrap, cached in ~/.cache/kubetune/images), tagged as the Helm chart's defaults
+# ($(IMAGE_REGISTRY)/<name>:<Chart appVersion>), and prints their sizes; IMAGES picks some of them.
+# `make test-images` runs the image tests of e2e/images against them.
+IMAGES         ?= operator serving trainer
+IMAGE_REGISTRY ?= ghcr.io/kubetune
+
+.PHONY: images test-images
+
+images:
+	KUBETUNE_IMAGE_REGISTRY=$(IMAGE_REGISTRY) images/build.sh $(IMAGES)
+
+test-images: setup tools
+	KUBETUNE_IMAGE_REGISTRY=$(IMAGE_REGISTRY) images/build.sh $(IMAGES)
+	KUBETUNE_IMAGE_TESTS=1 KUBETUNE_IMAGE_REGISTRY=$(IMAGE_REGISTRY) $(PYTEST) e2e/images

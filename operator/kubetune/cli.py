@@ -122,6 +122,7 @@ def _operator(args: argparse.Namespace, console: Console) -> int:
         standalone=args.standalone, priority=args.priority, peering_lifetime=args.peering_lifetime,
         metrics_port=args.metrics_port, liveness_port=args.liveness_port, verbose=args.verbose,
         scrape_trainer=not args.no_trainer_progress, progress_interval=args.progress_interval, backend=backend,
+        workers=args.workers, api_timeout=args.api_timeout, api_qps=args.api_qps, api_burst=args.api_burst,
     ))
 
 
@@ -183,6 +184,12 @@ def parser() -> argparse.ArgumentParser:
                    help="node label the validation Job's pods need (repeat for more)")
     o.add_argument("--validation-toleration", action="append", metavar="KEY[=VALUE][:EFFECT]",
                    help="taint the validation Job's pods tolerate (repeat for more)")
+    o.add_argument("--workers", type=int, default=8, help="reconciles run at once (threads; default: 8)")
+    o.add_argument("--api-timeout", type=float, default=30.0,
+                   help="seconds before a request to the API server fails and its reconcile is retried (default: 30)")
+    o.add_argument("--api-qps", type=float, default=100.0,
+                   help="client-side rate limit of the operator's requests, per second (0: none; default: 100)")
+    o.add_argument("--api-burst", type=int, default=200, help="requests allowed at once above --api-qps (default: 200)")
     o.add_argument("-v", "--verbose", action="store_true", help="log kopf's details too")
     o.set_defaults(func=_operator)
 

@@ -11,6 +11,7 @@ few and bounded (kind, result, condition, stage type), never object names.
     kubetune_pytorchjobs_created_total{type}          PyTorchJobs created, by stage type
     kubetune_validation_jobs_created_total            PreferenceDataset validation Jobs created
     kubetune_inferenceservices_applied_total{action}  InferenceServices created or updated
+    kubetune_api_requests_total{method}               requests of the handlers to the API server (not kopf's own)
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ VALIDATION_JOBS_CREATED = Counter(
 INFERENCESERVICES_APPLIED = Counter(
     "kubetune_inferenceservices_applied", "InferenceServices created or updated.", ["action"], registry=REGISTRY,
 )
+API_REQUESTS = Counter(
+    "kubetune_api_requests", "Requests the handlers sent to the API server (kopf's own are not counted).",
+    ["method"], registry=REGISTRY,
+)
 
 # Job conditions tracked by kubetune_finetunejobs.
 TRACKED_CONDITIONS = ("Accepted", "Running", "Suspended", "Succeeded", "Failed", "Ready", "Stalled")
+_TRACKED = frozenset(TRACKED_CONDITIONS)
 _true_conditions: dict[str, frozenset[str]] = {}
 _lock = threading.Lock()
 for _c in TRACKED_CONDITIONS:
@@ -63,14 +69,17 @@ for _c in TRACKED_CONDITIONS:
 
 
 def set_job_conditions(key: str, true_conditions: set[str] | None) -> None:
-    """Record which conditions of FineTuneJob `key` are True (None: the job is gone)."""
+    """Record which conditions of FineTuneJob `key` are True (None: the job is gone). The gauges
+    move by the job's own change only: nothing here grows with the number of jobs."""
+    new = frozenset() if true_conditions is None else frozenset(true_conditions) & _TRACKED
     with _lock:
-        if true_conditions is None:
-            _true_conditions.pop(key, None)
-        else:
-            _true_conditions[key] = frozenset(true_conditions) & frozenset(TRACKED_CONDITIONS)
-        for c in TRACKED_CONDITIONS:
-            JOBS.labels(c).set(sum(1 for s in _true_conditions.values() if c in s))
+        old = _true_conditions.pop(key, frozenset())
+        if true_conditions is not None:
+            _true_conditions[key] = new
+        for c in old - new:
+            JOBS.labels(c).dec()
+        for c in new - old:
+            JOBS.labels(c).inc()
 
 
 @contextmanager

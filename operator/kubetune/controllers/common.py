@@ -18,6 +18,7 @@ from typing import Any, cast
 import kopf
 from kubernetes import client
 
+from kubetune import apiclient
 from kubetune.api.meta import GROUP, VERSION
 from kubetune.backends import BackendSettings
 
@@ -48,7 +49,7 @@ def api() -> client.ApiClient:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
-        RUNTIME.api = client.ApiClient()
+        RUNTIME.api = apiclient.ApiClient()
     return RUNTIME.api
 
 

@@ -15,7 +15,9 @@ Deletion removes the children.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -64,33 +66,76 @@ def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
     return not (is_true(conditions, r.SUCCEEDED) or is_true(conditions, r.FAILED))
 
 
-def poll_finetunejob(name: str, namespace: str | None, **_: Any) -> None:
-    """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait."""
-    common.quietly(lambda: reconcile(namespace or "", name, scrape=True))
+def poll_finetunejob(name: str, namespace: str | None, status: Mapping[str, Any], **_: Any) -> None:
+    """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait. The
+    trainer's metrics endpoint (up to a second) is read before taking the job's lock, so a slow
+    trainer never holds up the job's other reconciles."""
+    namespace = namespace or ""
+    scraped = scrape_running_stage(namespace, status) if RUNTIME.scrape_trainer else None
+    waiting = any(s.get("jobName") and s.get("state") in ("Running", "Pending") for s in status.get("stages") or [])
+    last = _reconciled.get((namespace, name))
+    if scraped is None and waiting and last is not None and time.monotonic() - last < _safety_net:
+        return  # a stage that runs or waits for its pods, nothing new read: its PyTorchJob's events wake the job
+    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped))
 
 
 def register_timer(interval: float = POLL_SECONDS) -> None:
-    """Register `poll_finetunejob` every `interval` seconds (`kubetune operator --progress-interval`)."""
+    """Register `poll_finetunejob` every `interval` seconds (`kubetune operator --progress-interval`).
+    A job whose stage runs with no new progress, or waits for its pods, is reconciled by the timer
+    only when nothing else reconciled it for SAFETY_NET_TICKS ticks: a thousand jobs waiting for
+    the training-operator would otherwise keep the workers and the rate limit busy with lookups of
+    why their pods wait, and the hand-offs would queue behind them."""
+    global _safety_net
+    _safety_net = SAFETY_NET_TICKS * interval
     kopf.timer(*FINETUNEJOBS, interval=interval, initial_delay=interval, when=_unfinished)(poll_finetunejob)
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
-def on_pytorchjob(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    owner = common.owner_name(dict(body), "FineTuneJob")
-    if owner and namespace:
-        common.quietly(lambda: reconcile(namespace, owner))
+def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | None, **_: Any) -> None:
+    """A stage's PyTorchJob changed: reconcile its FineTuneJob, unless nothing the job reads from
+    it changed since the last reconcile it woke (the training-operator rewrites its status on
+    every pass of its own: lastReconcileTime, replica counts)."""
+    pj = dict(body)
+    owner = common.owner_name(pj, "FineTuneJob")
+    if type == "DELETED":
+        _observed.pop(uid, None)
+    if not owner or not namespace:
+        return
+    seen = (backend.observe(pj), backend.times(pj), backend.is_suspended(pj), backend.suspended_by_us(pj))
+    if type != "DELETED" and _observed.get(uid) == seen:
+        return
+    common.quietly(lambda: reconcile(namespace, owner))
+    if type != "DELETED" and _reconciled.get((namespace, owner)):
+        _observed[uid] = seen
+
+
+# What the last reconcile woken by each PyTorchJob (by uid) saw of it, and when each job was last
+# reconciled without an error (monotonic seconds): what lets events and ticks with nothing new pass.
+_observed: dict[str, tuple[Any, ...]] = {}
+_reconciled: dict[tuple[str, str], float] = {}
+SAFETY_NET_TICKS = 6
+_safety_net = SAFETY_NET_TICKS * POLL_SECONDS
+
+
+@kopf.index(*FINETUNEJOBS, when=_unfinished)
+def finetunejobs_by_dataset(name: str, namespace: str | None, spec: Mapping[str, Any],
+                            **_: Any) -> dict[tuple[str, str], str]:
+    """Unfinished FineTuneJobs by the PreferenceDatasets they read: (namespace, data set) -> job.
+    kopf keeps it from the FineTuneJob watch, and drops a job once it finished or was deleted."""
+    refs = {((stage.get("dataset") or {}).get("preferenceDatasetRef") or {}).get("name")
+            for stage in spec.get("stages") or []}
+    return {(namespace or "", ref): name for ref in refs if ref}
 
 
 @kopf.on.event(*PREFERENCEDATASETS)
-def on_preferencedataset(name: str, namespace: str | None, **_: Any) -> None:
-    """A data set changed: jobs waiting for it may start (or fail) now."""
+def on_preferencedataset(name: str, namespace: str | None, **kwargs: Any) -> None:
+    """A data set changed: the unfinished jobs that read it (from the index, not a list of every
+    job in the namespace) may start (or fail) now."""
+    index: kopf.Index[tuple[str, str], str] = kwargs["finetunejobs_by_dataset"]  # kopf passes indices by name
     if not namespace:
         return
-    for body in common.list_custom(FINETUNEJOBS, namespace):
-        refs = {((s.get("dataset") or {}).get("preferenceDatasetRef") or {}).get("name")
-                for s in body.get("spec", {}).get("stages", [])}
-        if name in refs and _unfinished(body.get("status") or {}):
-            common.quietly(lambda: reconcile(namespace, body["metadata"]["name"]))
+    for job in sorted(set(index.get((namespace, name), []))):
+        common.quietly(lambda: reconcile(namespace, job))
 
 
 @kopf.on.delete(*FINETUNEJOBS)
@@ -111,19 +156,31 @@ def on_finetunejob_deleted(name: str, namespace: str | None, uid: str, **_: Any)
     common.core().delete_collection_namespaced_config_map(namespace, label_selector=selector)
     metrics.set_job_conditions(f"{namespace}/{name}", None)
     common.forget("FineTuneJob", namespace, name)
+    _reconciled.pop((namespace, name), None)
 
 
 # --- reconcile ----------------------------------------------------------------------------
 
 
-def reconcile(namespace: str, name: str, *, scrape: bool = False) -> None:
+@dataclass(frozen=True)
+class Scraped:
+    """What the timer read from a running stage's trainer before taking the job's lock."""
+
+    pytorchjob: str
+    pod: dict[str, Any]
+    progress: trainer_metrics.TrainerProgress
+
+
+def reconcile(namespace: str, name: str, *, scrape: bool = False, scraped: Scraped | None = None) -> None:
     with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob"):
+        _reconciled.pop((namespace, name), None)
         body = common.get_custom(FINETUNEJOBS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
-            _reconcile(body, scrape)
+            _reconcile(body, scrape, scraped)
+        _reconciled[(namespace, name)] = time.monotonic()
 
 
-def _reconcile(body: dict[str, Any], scrape: bool) -> None:
+def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = None) -> None:
     meta, status = body["metadata"], dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
@@ -183,8 +240,9 @@ def _reconcile(body: dict[str, Any], scrape: bool) -> None:
         if detail:
             plan.message += f" ({detail})"
             plan.stages[plan.index]["message"] += f" ({detail})"
-    if scrape and plan.phase == Phase.RUNNING and child is not None and RUNTIME.scrape_trainer:
-        read_progress(namespace, child, plan.stages[plan.index])
+    if scraped is not None and plan.phase == Phase.RUNNING and child is not None \
+            and scraped.pytorchjob == child["metadata"]["name"] and common.owned_by(scraped.pod, child):
+        apply_progress(plan.stages[plan.index], scraped.progress)
     if plan.phase == Phase.PENDING and child is not None:
         # looked up by the timer only; other reconciles keep what it found
         previous = (find_condition(conditions, r.RUNNING) or {}).get("message", "")
@@ -283,24 +341,26 @@ def sync_suspend(body: dict[str, Any], child: dict[str, Any], suspend: bool) -> 
                  f"{'Suspended' if suspend else 'Resumed'} PyTorchJob {name} (spec.runPolicy.suspend).")
 
 
-def read_progress(namespace: str, pytorchjob: dict[str, Any], entry: dict[str, Any]) -> None:
-    """Copy the trainer's step, total steps and last figures from its metrics endpoint: that of
-    the stage's master pod (only a pod the PyTorchJob owns: a pod of that name made by anyone else
-    is not asked), on the port the operator renders (not whatever the pod's spec says)."""
+def scrape_running_stage(namespace: str, status: Mapping[str, Any]) -> Scraped | None:
+    """Read the trainer's step, total steps and last figures from the metrics endpoint of the
+    running stage's master pod, on the port the operator renders (not whatever the pod's spec
+    says). The reconcile uses them only if that pod belongs to the stage's PyTorchJob (a pod of
+    that name made by anyone else is not believed)."""
     port = RUNTIME.settings.trainer_metrics_port
-    if not port:
-        return
+    running = next((s.get("jobName") for s in status.get("stages") or [] if s.get("state") == "Running"), None)
+    if not port or not running:
+        return None
     try:
-        pod = common.as_dict(common.core().read_namespaced_pod(backend.master_pod(pytorchjob["metadata"]["name"]),
-                                                               namespace))
+        pod = common.as_dict(common.core().read_namespaced_pod(backend.master_pod(running), namespace))
     except client.ApiException:
-        return
+        return None
     ip = (pod.get("status") or {}).get("podIP")
-    if not ip or not common.owned_by(pod, pytorchjob):
-        return
-    got = trainer_metrics.scrape(ip, port)
-    if got is None:
-        return
+    got = trainer_metrics.scrape(ip, port) if ip else None
+    return Scraped(running, pod, got) if got is not None else None
+
+
+def apply_progress(entry: dict[str, Any], got: trainer_metrics.TrainerProgress) -> None:
+    """Copy scraped progress into a stage's status entry, with an ETA from the stage's start."""
     if got.step is not None:
         entry["step"] = got.step
     if got.total_steps:
@@ -404,5 +464,13 @@ def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> No
     model the CRD's status schema is generated from), so the operator cannot write what the schema lacks."""
     typed = FineTuneJobStatus.model_validate(new).model_dump(mode="json", by_alias=True, exclude_unset=True)
     new = {k: typed[k] for k in new}  # what was set, including a None that clears a field
-    if common.changed(old, new):
+    if common.changed(_without_eta(old), _without_eta(new)):
         common.patch_status(FINETUNEJOBS, body, new)
+
+
+def _without_eta(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` less its stages' etaSeconds: an ETA that moved, and nothing else, is not worth a
+    write (it moves on every tick of the timer; the next write carries the newest)."""
+    if not status.get("stages"):
+        return status
+    return {**status, "stages": [{k: v for k, v in s.items() if k != "etaSeconds"} for s in status["stages"]]}

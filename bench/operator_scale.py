@@ -1,0 +1,499 @@
+"""The operator at scale, on the local control plane, against the training-operator alone.
+
+    .venv/bin/python -m bench.operator_scale --n 100 --n 300 --write docs/benchmarks.md
+
+For each N, on a fresh local cluster (e2e/cluster/up: kube-apiserver, etcd, scheduler,
+controller-manager, the Kubeflow training-operator; KWOK plays the pods, which succeed
+after 2 s):
+1. direct: N PyTorchJobs applied at once to the training-operator alone (no kubetune running);
+2. kubetune: N one-stage FineTuneJobs applied at once, `kubetune operator` running
+   (standalone, as a ServiceAccount); they render the same PyTorchJobs;
+3. hand-off: N two-stage FineTuneJobs applied at once.
+Figures: seconds until all succeed in 1 and 2, and their ratio (1.0: kubetune costs no
+throughput); FineTuneJob created -> its PyTorchJob created, p50/p95; stage hand-off (stage 1's
+PyTorchJob Succeeded -> stage 2's created), p50/p95; the operator's peak RSS and CPU seconds;
+the operator's API requests per reconcile: all of them (the API server's APF counter of the
+`service-accounts` flow schema, which only the operator's ServiceAccount falls in here) and
+its handlers' own (`kubetune_api_requests_total`). Times are when this process saw each
+event on its watches, so they include watch delivery, the same for both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config, watch
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "e2e" / "cluster"
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
+PJ = ("kubeflow.org", "v1", "pytorchjobs")
+OPERATOR_FLOW_SCHEMA = "service-accounts"
+CREATE_THREADS = 8
+
+
+# --- what is applied ------------------------------------------------------------------------
+
+
+def finetunejob(name: str, stages: int) -> dict[str, Any]:
+    """A FineTuneJob of `stages` SFT stages on CPU-less fake pods (no GPUs: node capacity is
+    pods, not cards, so the figures are the controllers', not the scheduler's bin packing)."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "hf://bench/tiny-llama"},
+            "output": {"uri": "s3://bench/out"},
+            "stages": [{"name": f"s{i}", "type": "sft", "dataset": {"uri": "s3://bench/sft.jsonl", "format": "messages"},
+                        "resources": {"gpusPerNode": 0, "tolerations": [KWOK_TOLERATION]}} for i in range(stages)],
+        },
+    }
+
+
+def direct_pytorchjob(name: str) -> dict[str, Any]:
+    """The PyTorchJob kubetune renders for a one-stage job, applied by hand: no kubetune labels,
+    no owner, no StageRun ConfigMap (KWOK mounts nothing)."""
+    from kubetune.api.finetunejob import FineTuneJob
+    from kubetune.api.stagerun import render_stage_run
+    from kubetune.backends import BackendSettings
+    from kubetune.backends import pytorchjob as backend
+
+    body = finetunejob(name, 1)
+    body["metadata"]["namespace"] = "direct"
+    job = FineTuneJob.model_validate(body)
+    settings = BackendSettings()
+    pj = backend.render(job, 0, render_stage_run(job, 0, "s3://bench/out", None), settings)
+    pj["metadata"] = {"name": name}
+    return pj
+
+
+# --- watching -------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """When this process first saw each object, and each one's Succeeded."""
+
+    created: dict[str, float] = field(default_factory=dict)
+    succeeded: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _succeeded(obj: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Succeeded" and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+@contextlib.contextmanager
+def watching(api: client.ApiClient, resource: tuple[str, str, str], namespace: str) -> Iterator[Seen]:
+    seen, stop = Seen(), threading.Event()
+    custom = client.CustomObjectsApi(api)
+
+    def run() -> None:
+        rv = custom.list_namespaced_custom_object(*resource[:2], namespace, resource[2])["metadata"]["resourceVersion"]
+        while not stop.is_set():
+            w = watch.Watch()
+            try:
+                for ev in w.stream(custom.list_namespaced_custom_object, *resource[:2], namespace, resource[2],
+                                   resource_version=rv, timeout_seconds=5, allow_watch_bookmarks=True):
+                    now = time.monotonic()
+                    obj = ev["object"]
+                    rv = obj["metadata"]["resourceVersion"]
+                    if ev["type"] == "BOOKMARK":
+                        continue
+                    name = obj["metadata"]["name"]
+                    with seen.lock:
+                        seen.created.setdefault(name, now)
+                        if _succeeded(obj):
+                            seen.succeeded.setdefault(name, now)
+                    if stop.is_set():
+                        break
+            except client.ApiException as e:
+                if e.status != 410:
+                    raise
+                rv = custom.list_namespaced_custom_object(*resource[:2], namespace,
+                                                          resource[2])["metadata"]["resourceVersion"]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def wait_until(what: str, done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def create_all(api: client.ApiClient, resource: tuple[str, str, str], namespace: str,
+               bodies: list[dict[str, Any]]) -> dict[str, float]:
+    """Create every body at once (a few threads, as `kubectl apply` of a big file would); when each
+    create returned."""
+    custom = client.CustomObjectsApi(api)
+
+    def create(body: dict[str, Any]) -> tuple[str, float]:
+        custom.create_namespaced_custom_object(*resource[:2], namespace, resource[2], body)
+        return body["metadata"]["name"], time.monotonic()
+
+    with ThreadPoolExecutor(CREATE_THREADS) as pool:
+        return dict(pool.map(create, bodies))
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """(p50, p95) of `values`, seconds."""
+    if not values:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=20, method="inclusive")
+    return statistics.median(values), q[18]
+
+
+# --- the operator ---------------------------------------------------------------------------
+
+
+@dataclass
+class OperatorProcess:
+    """The operator being measured: its pid (for RSS and CPU) and its metrics port."""
+
+    pid: int
+    metrics_port: int
+
+    def peak_rss_mib(self) -> float:
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024  # type: ignore[union-attr]
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metric(self, name: str, having: str = "") -> float:
+        """The sum of metric `name`'s samples (those whose labels include `having`, e.g. 'result="retry"')."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as rsp:
+            text = rsp.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if (line.startswith(name + "{") or line.startswith(name + " ")) and having in line)
+
+
+def apiserver_requests(api: client.ApiClient, flow_schema: str) -> float:
+    """Requests the API server dispatched for `flow_schema` (APF), from its /metrics."""
+    rsp = api.call_api("GET", api.configuration.host + "/metrics", header_params={"Accept": "text/plain"},
+                       _request_timeout=30)
+    rsp.read()
+    text = rsp.data.decode()
+    pattern = re.compile(r'^apiserver_flowcontrol_dispatched_requests_total\{[^}]*flow_schema="' + re.escape(flow_schema)
+                         + r'"[^}]*\} (\S+)$', re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+# --- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    n: int
+    direct_seconds: float = math.nan
+    kubetune_seconds: float = math.nan
+    create_latency: tuple[float, float] = (math.nan, math.nan)
+    handoff_latency: tuple[float, float] = (math.nan, math.nan)
+    two_stage_seconds: float = math.nan
+    peak_rss_mib: float = math.nan
+    cpu_seconds: float = math.nan
+    reconciles: float = math.nan
+    retries: float = math.nan
+    requests: float = math.nan
+    handler_requests: float = math.nan
+
+    @property
+    def ratio(self) -> float:
+        return self.direct_seconds / self.kubetune_seconds
+
+    @property
+    def requests_per_reconcile(self) -> float:
+        return self.requests / self.reconciles if self.reconciles else math.nan
+
+    @property
+    def handler_requests_per_reconcile(self) -> float:
+        return self.handler_requests / self.reconciles if self.reconciles else math.nan
+
+
+def ensure_namespace(api: client.ApiClient, name: str) -> None:
+    with contextlib.suppress(client.ApiException):
+        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_until(f"ServiceAccount {name}/default", lambda: bool(
+        client.CoreV1Api(api).list_namespaced_service_account(name, field_selector="metadata.name=default").items), 60)
+
+
+def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, prefix: str = "bench",
+            timeout: float = 900, start_operator: Callable[[], OperatorProcess] | None = None,
+            log: Callable[[str], None] = print) -> Figures:
+    """The three phases on the cluster of `api`. The operator is either running already, or
+    started by `start_operator` after the direct phase (so that one has the training-operator alone)."""
+    fig = Figures(n)
+    direct_ns, ftj_ns, two_ns = f"{prefix}-direct", f"{prefix}-kubetune", f"{prefix}-handoff"
+    for ns in (direct_ns, ftj_ns, two_ns):
+        ensure_namespace(api, ns)
+
+    log(f"[n={n}] direct: {n} PyTorchJobs applied to the training-operator alone")
+    with watching(api, PJ, direct_ns) as seen:
+        t0 = time.monotonic()
+        create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
+        wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
+        fig.direct_seconds = max(seen.succeeded.values()) - t0
+    log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
+
+    if operator is None:
+        assert start_operator is not None
+        operator = start_operator()
+    requests0 = apiserver_requests(api, OPERATOR_FLOW_SCHEMA)
+    reconciles0 = operator.metric("kubetune_reconciles_total")
+    retries0 = operator.metric("kubetune_reconciles_total", 'result="retry"')
+    handler0 = operator.metric("kubetune_api_requests_total")
+    cpu0 = operator.cpu_seconds()
+
+    log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
+    with watching(api, PJ, ftj_ns) as pjs, watching(api, FTJ, ftj_ns) as jobs:
+        t0 = time.monotonic()
+        created = create_all(api, FTJ, ftj_ns, [finetunejob(f"k{i}", 1) for i in range(n)])
+        wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
+        fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
+        fig.create_latency = quantiles([pjs.created[f"k{i}-s0"] - created[f"k{i}"] for i in range(n)])
+    log(f"[n={n}] kubetune: all succeeded in {fig.kubetune_seconds:.1f}s")
+
+    log(f"[n={n}] hand-off: {n} two-stage FineTuneJobs")
+    with watching(api, PJ, two_ns) as pjs, watching(api, FTJ, two_ns) as jobs:
+        t0 = time.monotonic()
+        create_all(api, FTJ, two_ns, [finetunejob(f"h{i}", 2) for i in range(n)])
+        wait_until("the two-stage FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout * 2)
+        fig.two_stage_seconds = max(jobs.succeeded.values()) - t0
+        fig.handoff_latency = quantiles([pjs.created[f"h{i}-s1"] - pjs.succeeded[f"h{i}-s0"] for i in range(n)])
+    log(f"[n={n}] hand-off: all succeeded in {fig.two_stage_seconds:.1f}s")
+
+    time.sleep(2)  # the last status writes and Events
+    fig.requests = apiserver_requests(api, OPERATOR_FLOW_SCHEMA) - requests0
+    fig.reconciles = operator.metric("kubetune_reconciles_total") - reconciles0
+    fig.retries = operator.metric("kubetune_reconciles_total", 'result="retry"') - retries0
+    fig.handler_requests = operator.metric("kubetune_api_requests_total") - handler0
+    fig.cpu_seconds = operator.cpu_seconds() - cpu0
+    fig.peak_rss_mib = operator.peak_rss_mib()
+    return fig
+
+
+# --- a cluster and an operator of this run --------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int) -> Iterator[Path]:
+    """e2e/cluster/up in a state folder and on ports of its own, with `nodes` fake nodes; its
+    admin kubeconfig. Stopped afterwards."""
+    ports = ("ETCD_PORT", "ETCD_PEER_PORT", "APISERVER_PORT", "KCM_PORT", "SCHEDULER_PORT", "KWOK_PORT",
+             "TO_METRICS_PORT", "TO_PROBE_PORT", "TO_WEBHOOK_PORT")
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as state:
+        env = {**os.environ, **{f"KUBETUNE_{p}": str(_free_port()) for p in ports},
+               "KUBETUNE_CLUSTER_DIR": state, "KUBETUNE_FAKE_NODES": str(nodes)}
+        subprocess.run([str(CLUSTER / "build")], check=True, stdout=subprocess.DEVNULL)
+        up = subprocess.run([str(CLUSTER / "up")], env=env, check=True, stdout=subprocess.PIPE, text=True)
+        try:
+            yield Path(up.stdout.strip().splitlines()[-1].removeprefix("export KUBECONFIG="))
+        finally:
+            subprocess.run([str(CLUSTER / "down")], env=env, check=False, stdout=subprocess.DEVNULL)
+
+
+def bin_dir() -> Path:
+    return Path(subprocess.run([str(CLUSTER / "build"), "--print-bin-dir"], check=True, stdout=subprocess.PIPE,
+                               text=True).stdout.strip())
+
+
+def operator_kubeconfig(api: client.ApiClient, kubectl: Path, admin: Path, work: Path) -> Path:
+    """A kubeconfig of a ServiceAccount allowed everything (this measures speed, not RBAC): its
+    requests fall in the `service-accounts` flow schema, which nothing else here does."""
+    docs = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubetune-bench-system"}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kubetune", "namespace": "kubetune-bench-system"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "kubetune-bench"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+         "subjects": [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-bench-system"}]},
+    ]
+    subprocess.run([str(kubectl), "--kubeconfig", str(admin), "apply", "-f", "-"], input=yaml.safe_dump_all(docs),
+                   text=True, check=True, stdout=subprocess.DEVNULL)
+    token = client.CoreV1Api(api).create_namespaced_service_account_token(
+        "kubetune", "kubetune-bench-system", client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600))).status.token
+    path = work / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "bench", "cluster": {"server": api.configuration.host,
+                                                    "certificate-authority": api.configuration.ssl_ca_cert}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "bench", "user": "operator"}}],
+    }))
+    return path
+
+
+@contextlib.contextmanager
+def operator_process(kubeconfig: Path, log_file: Path) -> Iterator[Callable[[], OperatorProcess]]:
+    """A starter of `kubetune operator --standalone --all-namespaces` (the defaults a user gets,
+    trainer progress off: KWOK's pods serve none); stopped afterwards."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> OperatorProcess:
+        metrics_port, liveness_port = _free_port(), _free_port()
+        args = [str(Path(sys.executable).parent / "kubetune"), "operator", "--all-namespaces", "--standalone",
+                "--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port), "--no-trainer-progress"]
+        with log_file.open("ab") as out:
+            procs.append(subprocess.Popen(args, env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+
+        def alive() -> bool:
+            if procs[-1].poll() is not None:
+                raise RuntimeError(f"the operator exited; see {log_file}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until("the operator's /healthz", alive, 60)
+        return OperatorProcess(procs[-1].pid, metrics_port)
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def run(n: int, log: Callable[[str], None] = print) -> Figures:
+    # every pod of the run fits (110 a node; Succeeded pods are left in place): N + N + 2N
+    nodes = max(4, math.ceil(4 * n / 100))
+    log(f"[n={n}] starting a local cluster with {nodes} fake nodes")
+    with local_cluster(nodes) as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
+        kubectl = bin_dir() / "kubectl"
+        subprocess.run([str(kubectl), "--kubeconfig", str(admin), "apply", "--server-side", "-f", str(REPO / "crds")],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([str(kubectl), "--kubeconfig", str(admin), "wait", "--for=condition=Established",
+                        "--timeout=60s", "-f", str(REPO / "crds")], check=True, stdout=subprocess.DEVNULL)
+        api = config.new_client_from_config(config_file=str(admin))  # type: ignore[no-untyped-call]
+        api.configuration.connection_pool_maxsize = 4 * CREATE_THREADS
+        api.rest_client = client.rest.RESTClientObject(api.configuration)
+        op_config = operator_kubeconfig(api, kubectl, admin, Path(work))
+        with operator_process(op_config, Path(work) / "operator.log") as start:
+            return measure(api, None, n, start_operator=start, log=log)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def table(figures: list[Figures]) -> str:
+    rows = [
+        ("Training-operator alone: N PyTorchJobs, all Succeeded (s)", lambda f: f"{f.direct_seconds:.1f}"),
+        ("kubetune: N one-stage FineTuneJobs, all Succeeded (s)", lambda f: f"{f.kubetune_seconds:.1f}"),
+        ("Throughput ratio (alone / kubetune; 1.0 = no cost)", lambda f: f"{f.ratio:.2f}"),
+        ("FineTuneJob created -> PyTorchJob created, p50 / p95 (s)",
+         lambda f: f"{f.create_latency[0]:.2f} / {f.create_latency[1]:.2f}"),
+        ("N two-stage FineTuneJobs, all Succeeded (s)", lambda f: f"{f.two_stage_seconds:.1f}"),
+        ("Stage hand-off (Succeeded -> next PyTorchJob created), p50 / p95 (s)",
+         lambda f: f"{f.handoff_latency[0]:.2f} / {f.handoff_latency[1]:.2f}"),
+        ("Operator peak RSS, 2N FineTuneJobs and 3N PyTorchJobs (MiB)", lambda f: f"{f.peak_rss_mib:.0f}"),
+        ("Operator CPU, phases 2 and 3 (s)", lambda f: f"{f.cpu_seconds:.1f}"),
+        ("Reconciles (of which retried: a write refused as stale, or throttled)",
+         lambda f: f"{f.reconciles:.0f} ({f.retries:.0f})"),
+        ("API requests per reconcile, all (kopf's and the handlers')", lambda f: f"{f.requests_per_reconcile:.2f}"),
+        ("API requests per reconcile, the handlers' own", lambda f: f"{f.handler_requests_per_reconcile:.2f}"),
+    ]
+    head = "| | " + " | ".join(f"N = {f.n}" for f in figures) + " |\n|---|" + "---:|" * len(figures) + "\n"
+    return head + "".join(f"| {label} | " + " | ".join(cell(f) for f in figures) + " |\n" for label, cell in rows)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20  # type: ignore[union-attr]
+    return f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB memory, Python {platform.python_version()}"
+
+
+def write(path: Path, figures: list[Figures], command: str, notes: str) -> None:
+    """Replace the operator-scale section of `path` (or create the file)."""
+    section = (f"## Operator scale\n\n<!-- written by bench/operator_scale.py -->\n"
+               f"Machine: {machine()}. Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n"
+               f"    {command}\n\n{table(figures)}\n{notes}")
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nFigures of `make bench`, each section written by its script.\n"
+    start = old.find("## Operator scale")
+    if start >= 0:
+        end = old.find("\n## ", start + 1)
+        old = old[:start] + old[end + 1:] if end >= 0 else old[:start]
+    path.write_text(old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
+
+
+NOTES = """Each N on a fresh local cluster (e2e/cluster/up; KWOK pods succeed 2 s after they start;
+4N/100 fake nodes so every pod fits). Phase 1 applies N PyTorchJobs to the training-operator with
+kubetune not running; phase 2 N one-stage FineTuneJobs (which render the same PyTorchJobs) with
+`kubetune operator --standalone --all-namespaces --no-trainer-progress` and its defaults otherwise;
+phase 3 N two-stage FineTuneJobs. Objects are created by 8 threads at once; times are when the
+benchmark's own watches saw each event. Goals (issue 16): ratio >= 1.0 at N = 1,000, hand-off
+p50 <= 1 s, peak RSS <= 150 MiB at 1,000 FineTuneJobs and 2,000 PyTorchJobs, <= 3 requests per
+reconcile in steady state.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, action="append", help="jobs per phase (repeat for several runs; default: 100)")
+    p.add_argument("--write", type=Path, default=None, help="write the figures into this markdown file")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = p.parse_args(argv)
+    figures = []
+    for n in args.n or [100]:
+        figures.append(run(n))
+        print(table(figures), flush=True)
+    if args.json:
+        print(json.dumps([{**f.__dict__, "ratio": f.ratio, "requests_per_reconcile": f.requests_per_reconcile}
+                          for f in figures], indent=2))
+    if args.write:
+        command = "python -m bench.operator_scale " + " ".join(f"--n {f.n}" for f in figures) + f" --write {args.write}"
+        write(args.write, figures, command, NOTES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

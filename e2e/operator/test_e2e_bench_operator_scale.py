@@ -1,0 +1,35 @@
+"""The operator-scale benchmark (bench/operator_scale.py) at N = 3, so it cannot rot: every
+phase runs against this session's cluster and operator, and every figure comes out."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+from kubernetes import client
+
+from bench import operator_scale
+from e2e.operator.conftest import Operator
+
+
+def test_the_operator_scale_benchmark_measures_every_figure(
+        admin_api: client.ApiClient, operator_crds: None, running_operator: Operator, tmp_path: Path) -> None:
+    assert running_operator.proc is not None
+    op = operator_scale.OperatorProcess(running_operator.proc.pid, running_operator.metrics_port)
+
+    fig = operator_scale.measure(admin_api, op, 3, prefix=f"bench-{uuid.uuid4().hex[:5]}", timeout=60)
+
+    assert fig.direct_seconds > 0 and fig.kubetune_seconds > 0 and fig.two_stage_seconds > 0
+    assert 0 < fig.create_latency[0] <= fig.create_latency[1] < 60
+    assert 0 < fig.handoff_latency[0] <= fig.handoff_latency[1] < 60
+    assert fig.peak_rss_mib > 10 and fig.cpu_seconds > 0
+    # 3 + 3 FineTuneJobs, each reconciled at least once per stage
+    assert fig.reconciles >= 9 and fig.handler_requests > 0
+    assert not math.isnan(fig.requests_per_reconcile) and fig.requests_per_reconcile > 0
+
+    report = tmp_path / "benchmarks.md"
+    operator_scale.write(report, [fig], "python -m bench.operator_scale --n 3", "")
+    operator_scale.write(report, [fig], "python -m bench.operator_scale --n 3", "")  # replaces its own section
+    text = report.read_text()
+    assert text.count("## Operator scale") == 1 and "| Throughput ratio" in text and "N = 3" in text

@@ -1,0 +1,296 @@
+"""What keeps the operator cheap at scale: server-side label selectors, the data-set index,
+request timeouts and the rate limit, the scrape outside the lock, writes only when needed."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kopf
+import pytest
+from kopf._cogs.clients import fetching, watching
+from kopf._cogs.structs import references
+from kubernetes import client
+
+from kubetune import apiclient, metrics
+from kubetune import operator as kubetune_operator
+from kubetune.backends import trainer_metrics
+from kubetune.controllers import common, finetunejob
+
+LOG = logging.getLogger("test")
+
+
+def configured() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    kubetune_operator.configure(settings=settings)
+    return settings
+
+
+def _resource(group: str, version: str, plural: str) -> references.Resource:
+    return references.Resource(group, version, plural, kind=plural[:-1].capitalize(), namespaced=True,
+                               verbs=["list", "watch", "patch"])
+
+
+@pytest.mark.parametrize("resource", sorted(kubetune_operator.CHILD_SELECTORS), ids="/".join)
+def test_the_list_and_watch_requests_of_each_child_kind_carry_its_label_selector(
+        resource: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The requests kopf itself sends (its list, then its watch) ask the API server to filter."""
+    urls: list[str] = []
+
+    async def get(url: str, **_: Any) -> dict[str, Any]:
+        urls.append(url)
+        return {"items": [], "metadata": {"resourceVersion": "1"}}
+
+    async def stream(url: str, **_: Any) -> Any:
+        urls.append(url)
+        return
+        yield  # an async generator of no events
+
+    monkeypatch.setattr(fetching.api, "get", get)
+    monkeypatch.setattr(watching.api, "stream", stream)
+    settings, res = configured(), _resource(*resource)
+
+    async def list_and_watch() -> None:
+        async for _ in fetching.fetch_objs(settings=settings, resource=res, namespace=None, logger=LOG):
+            pass
+        async for _ in watching.watch_objs(settings=settings, resource=res, namespace=None,
+                                           operator_pause_waiter=asyncio.get_running_loop().create_future()):
+            pass
+
+    asyncio.run(list_and_watch())
+    selector = kubetune_operator.CHILD_SELECTORS[resource]
+    assert len(urls) == 2
+    for url in urls:
+        assert "labelSelector=" + selector.replace("/", "%2F").replace("=", "%3D").replace(",", "%2C") in url, url
+
+
+def test_every_kind_watched_besides_kubetunes_own_has_a_server_side_selector() -> None:
+    """A handler added later on another kind of child fails here until it gets a selector too."""
+    import kubetune.controllers  # noqa: F401  (registers the handlers)
+
+    registry = kopf.get_default_registry()
+    settings = configured()
+    selectors = [h.selector for h in [*registry._watching.get_all_handlers(), *registry._changing.get_all_handlers()]
+                 if h.selector is not None and h.selector.group != "kubetune.io"]
+    children = {c for c in kubetune_operator.CHILD_SELECTORS for sel in selectors if sel.check(_resource(*c))}
+    assert len(selectors) == len(children) == len(kubetune_operator.CHILD_SELECTORS)
+    for child in children:
+        assert list(settings.watching.label_selectors.collect(_resource(*child))) == \
+            [kubetune_operator.CHILD_SELECTORS[child]]
+
+
+def test_a_dataset_event_reconciles_only_the_jobs_the_index_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_list(*_: Any, **__: Any) -> None:
+        raise AssertionError("listed FineTuneJobs")
+
+    reconciled: list[tuple[str, str]] = []
+    monkeypatch.setattr(common, "list_custom", no_list)
+    monkeypatch.setattr(finetunejob, "reconcile", lambda ns, name, **_: reconciled.append((ns, name)))
+    index = {("team", "prefs"): ["b", "a"], ("team", "other"): ["c"], ("elsewhere", "prefs"): ["d"]}
+
+    finetunejob.on_preferencedataset(name="prefs", namespace="team", finetunejobs_by_dataset=index)
+
+    assert reconciled == [("team", "a"), ("team", "b")]
+
+
+def test_the_index_maps_each_dataset_a_job_reads_to_the_job() -> None:
+    spec = {"stages": [{"name": "sft", "dataset": {"uri": "pvc://data/x.jsonl"}},
+                       {"name": "dpo", "dataset": {"preferenceDatasetRef": {"name": "prefs"}}},
+                       {"name": "kto", "dataset": {"preferenceDatasetRef": {"name": "labels"}}}]}
+    assert finetunejob.finetunejobs_by_dataset(name="job", namespace="team", spec=spec) == \
+        {("team", "prefs"): "job", ("team", "labels"): "job"}
+    assert finetunejob._unfinished({"conditions": [{"type": "Succeeded", "status": "True"}]}) is False
+
+
+def _status(eta: float, step: int) -> dict[str, Any]:
+    return {"observedGeneration": 1, "conditions": [], "currentStage": "sft", "progress": "0/1 sft 10%",
+            "stages": [{"name": "sft", "type": "sft", "state": "Running", "jobName": "j-sft", "step": step,
+                        "totalSteps": 100, "etaSeconds": eta}]}
+
+
+def test_no_status_patch_when_only_the_eta_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    patches: list[dict[str, Any]] = []
+    monkeypatch.setattr(common, "patch_status", lambda resource, body, status: patches.append(status))
+    body = {"metadata": {"namespace": "team", "name": "j", "resourceVersion": "5"}}
+
+    finetunejob._write(body, _status(eta=90.0, step=10), _status(eta=95.5, step=10))
+    assert patches == []
+
+    finetunejob._write(body, _status(eta=90.0, step=10), _status(eta=80.0, step=20))
+    assert [p["stages"][0]["step"] for p in patches] == [20]
+    assert patches[0]["stages"][0]["etaSeconds"] == 80.0  # a write that happens carries the newest ETA
+
+
+def test_the_trainer_is_read_while_another_reconcile_holds_the_jobs_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow trainer endpoint must not stall the job's other reconciles: the timer reads it first."""
+    read_while_locked = threading.Event()
+    release = threading.Event()
+    pod = {"metadata": {"name": "j-sft-master-0", "ownerReferences": [{"uid": "pj-uid"}]}, "status": {"podIP": "10.0.0.7"}}
+
+    class Core:
+        def read_namespaced_pod(self, name: str, namespace: str) -> dict[str, Any]:
+            assert (name, namespace) == ("j-sft-master-0", "team")
+            return pod
+
+    def scrape(host: str, port: int, timeout: float = 1.0) -> trainer_metrics.TrainerProgress:
+        read_while_locked.set()
+        return trainer_metrics.TrainerProgress(step=3, total_steps=10)
+
+    got: list[Any] = []
+    monkeypatch.setattr(common, "core", lambda: Core())
+    monkeypatch.setattr(trainer_metrics, "scrape", scrape)
+    monkeypatch.setattr(finetunejob, "reconcile", lambda ns, name, **kw: got.append(kw["scraped"]))
+
+    def hold() -> None:
+        with common.locked("FineTuneJob", "team", "j"):
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.05)
+    finetunejob.poll_finetunejob(name="j", namespace="team",
+                                 status={"stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]})
+    assert read_while_locked.is_set()
+    release.set()
+    holder.join()
+    assert got[0].pytorchjob == "j-sft" and got[0].progress.step == 3
+
+    entry: dict[str, Any] = {"startTime": "2020-01-01T00:00:00Z"}
+    finetunejob.apply_progress(entry, got[0].progress)
+    assert (entry["step"], entry["totalSteps"]) == (3, 10) and entry["etaSeconds"] > 0
+
+
+def _pytorchjob(*conditions: str, reconciled_at: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {"metadata": {"name": "j-sft", "namespace": "team", "uid": "pj-uid",
+                         "ownerReferences": [{"kind": "FineTuneJob", "name": "j", "uid": "j-uid"}]},
+            "spec": {"runPolicy": {"suspend": False}},
+            "status": {"lastReconcileTime": reconciled_at,
+                       "conditions": [{"type": c, "status": "True", "reason": c} for c in conditions]}}
+
+
+@pytest.fixture
+def reconciles(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    calls: list[tuple[str, str]] = []
+
+    def reconcile(namespace: str, name: str, **_: Any) -> None:
+        calls.append((namespace, name))
+        finetunejob._reconciled[(namespace, name)] = time.monotonic()
+
+    monkeypatch.setattr(finetunejob, "reconcile", reconcile)
+    monkeypatch.setattr(finetunejob, "_observed", {})
+    monkeypatch.setattr(finetunejob, "_reconciled", {})
+    return calls
+
+
+def test_a_pytorchjob_event_with_nothing_new_for_its_job_reconciles_nothing(reconciles: list[tuple[str, str]]) -> None:
+    def event(body: dict[str, Any], type_: str = "MODIFIED") -> None:
+        finetunejob.on_pytorchjob(body=body, namespace="team", uid="pj-uid", type=type_)
+
+    event(_pytorchjob("Created"), "ADDED")
+    event(_pytorchjob("Created", reconciled_at="2026-01-01T00:00:05Z"))  # the training-operator's own bookkeeping
+    assert len(reconciles) == 1
+    event(_pytorchjob("Created", "Running"))
+    event(_pytorchjob("Created", "Running", reconciled_at="2026-01-01T00:00:09Z"))
+    event(_pytorchjob("Created", "Succeeded"))
+    assert len(reconciles) == 3
+    event(_pytorchjob("Created", "Succeeded"), "DELETED")  # a deleted stage is always looked at
+    assert reconciles == [("team", "j")] * 4
+
+
+def test_the_timer_leaves_a_started_stage_with_nothing_new_alone_until_the_safety_net(
+        reconciles: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(finetunejob, "scrape_running_stage", lambda namespace, status: None)
+    running = {"stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]}
+    pending = {"stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
+    new = {"stages": [{"name": "sft", "state": "Pending"}]}
+
+    finetunejob.poll_finetunejob(name="j", namespace="team", status=running)  # never reconciled here yet
+    finetunejob.poll_finetunejob(name="j", namespace="team", status=running)
+    assert len(reconciles) == 1
+    finetunejob.poll_finetunejob(name="j", namespace="team", status=pending)
+    assert len(reconciles) == 1
+    finetunejob.poll_finetunejob(name="j", namespace="team", status=new)  # a stage to start is looked at at once
+    assert len(reconciles) == 2
+    finetunejob._reconciled[("team", "j")] -= finetunejob._safety_net + 1
+    finetunejob.poll_finetunejob(name="j", namespace="team", status=pending)  # why pods wait, now and then
+    assert len(reconciles) == 3
+
+
+def test_the_jobs_by_condition_gauge_moves_by_each_jobs_own_change() -> None:
+    value = lambda c: metrics.REGISTRY.get_sample_value("kubetune_finetunejobs", {"condition": c})  # noqa: E731
+    before = {c: value(c) for c in metrics.TRACKED_CONDITIONS}
+    metrics.set_job_conditions("scale/a", {"Accepted", "Running", "NotTracked"})
+    metrics.set_job_conditions("scale/a", {"Accepted", "Running"})
+    metrics.set_job_conditions("scale/b", {"Accepted", "Running"})
+    metrics.set_job_conditions("scale/a", {"Accepted", "Succeeded", "Ready"})
+    assert (value("Accepted") - before["Accepted"], value("Running") - before["Running"],
+            value("Succeeded") - before["Succeeded"]) == (2, 1, 1)
+    metrics.set_job_conditions("scale/gone", None)  # a job never recorded: nothing moves
+    metrics.set_job_conditions("scale/a", None)
+    metrics.set_job_conditions("scale/b", None)
+    assert {c: value(c) for c in metrics.TRACKED_CONDITIONS} == before
+
+
+# --- the API client -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A port that accepts connections and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield int(s.getsockname()[1])
+
+
+def _client(port: int, **kw: Any) -> apiclient.ApiClient:
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    return apiclient.ApiClient(cfg, **kw)
+
+
+def test_a_request_to_a_black_holed_api_server_fails_instead_of_hanging(black_hole: int) -> None:
+    api = _client(black_hole, timeout=0.3, qps=0)
+    start = time.monotonic()
+    with pytest.raises(Exception, match="(?i)timed? ?out"):
+        client.CustomObjectsApi(api).get_namespaced_custom_object("kubetune.io", "v1alpha1", "team", "finetunejobs", "j")
+    assert time.monotonic() - start < 5  # urllib3 retries a GET a few times, each within the timeout
+
+
+def test_a_429_comes_back_as_a_retry_after_the_servers_delay() -> None:
+    class Throttling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(429)
+            self.send_header("Retry-After", "7")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = _client(server.server_address[1], timeout=5)
+        with pytest.raises(kopf.TemporaryError) as e:
+            client.CustomObjectsApi(api).get_namespaced_custom_object("kubetune.io", "v1alpha1", "team", "finetunejobs", "j")
+        assert e.value.delay == 7.0
+    finally:
+        server.shutdown()
+
+
+def test_the_rate_limit_lets_a_burst_through_then_spreads_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(apiclient.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(apiclient.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    bucket = apiclient.TokenBucket(qps=100, burst=5)
+    waits = [bucket.take() for _ in range(15)]
+    assert waits[:5] == [0.0] * 5
+    assert clock[0] - 100.0 == pytest.approx(10 / 100)  # ten over the burst, at 100 a second
+    assert apiclient.TokenBucket(qps=0, burst=1).take() == 0.0

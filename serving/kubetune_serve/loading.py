@@ -41,8 +41,9 @@ DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 ARCHITECTURE_HEADS = (
     ("ForCausalLM", "causalLM"), ("LMHeadModel", "causalLM"),
     ("ForSequenceClassification", "reward"), ("ForImageClassification", "imageClassification"),
-    ("CLIPModel", "contrastiveImageText"),
+    ("CLIPModel", "contrastiveImageText"), ("ForCTC", "ctc"), ("WhisperForConditionalGeneration", "speechSeq2Seq"),
 )
+SPEECH_HEADS = ("ctc", "speechSeq2Seq")  # served through transformers' ASR pipeline
 PEFT_TASK_HEADS = {"CAUSAL_LM": "causalLM", "SEQ_CLS": "reward"}
 
 
@@ -96,6 +97,9 @@ def inspect(path: Path, base: Path | None = None) -> Stage:
     stage_type = metrics.get("type")
     method = str(metrics.get("method") or "full")
     head: str | None = registry.get(stage_type).head if stage_type else None
+    speech = head in SPEECH_HEADS
+    if speech:  # an asr stage trains CTC or Whisper models: the config tells which
+        head = None
     for folder in (path / "merged", path):  # a diffusers pipeline (diffusion stages): the fused one first
         if (folder / PIPELINE_INDEX).exists():
             return Stage(folder, "diffusionUNet", stage_type, method)
@@ -111,6 +115,9 @@ def inspect(path: Path, base: Path | None = None) -> Stage:
             raise ValueError(f"{path} holds neither a model (config.json) nor an adapter ({ADAPTER_CONFIG}, "
                              f"{bottleneck.CONFIG_FILE}); give a stage output folder")
         return Stage(path, head or _head_of_config(path), stage_type, method)
+    if speech:
+        raise ValueError(f"{path} holds a speech model's adapter without merged weights; serve a stage that wrote "
+                         "merged/ (spec.output.merge: true, or publish the job, which merges it)")
     recorded = adapter.get("base_model_name_or_path") or bottleneck_config.get("base_model_name_or_path")
     stagerun = _read_json(path / "stagerun.json") or _read_json(path.parent / f"{path.name}.stagerun.json")
     found = base or _local(recorded) or _local(stagerun.get("modelUri"))
@@ -211,6 +218,14 @@ def load_pipeline(stage: Stage) -> Any:
     return pipe.to(device())
 
 
+def load_speech_pipeline(stage: Stage) -> Any:
+    """transformers' automatic-speech-recognition pipeline on a whole CTC or Whisper model folder (with its
+    processor; a LoRA stage's `merged/`)."""
+    from transformers import pipeline
+
+    return pipeline("automatic-speech-recognition", model=str(stage.path), dtype=dtype(), device=device())
+
+
 @dataclass
 class Served:
     """One served name's model: `model` runs it after `activate()`; `lock` guards a shared base."""
@@ -238,6 +253,10 @@ def load_language_models(stages: dict[str, Stage]) -> dict[str, Served]:
         if stage.head == "diffusionUNet":
             served[name] = Served(name, stage, load_pipeline(stage), None)
             log.info("Loaded pipeline name=%s path=%s class=%s", name, stage.path, type(served[name].model).__name__)
+            continue
+        if stage.head in SPEECH_HEADS:
+            served[name] = Served(name, stage, load_speech_pipeline(stage), None)
+            log.info("Loaded speech recognizer name=%s path=%s head=%s", name, stage.path, stage.head)
             continue
         tokenizer = processing_class(stage)
         key = (stage.base.resolve(), stage.peft_type or "") if stage.base is not None else None

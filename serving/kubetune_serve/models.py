@@ -19,6 +19,10 @@
     diffusionUNet        v1 {"instances": ["prompt" | {"prompt", "seed", "steps", "guidanceScale"}, ...]}
                                                                      -> {"predictions": [{"image": {"b64": PNG}}, ...]}
                          v2 input "text" (BYTES)                     -> output "image" (BYTES, base64 PNG)
+    ctc, speechSeq2Seq   v1 {"instances": [{"audio": {"b64": ...}} | {"b64": ...} | "<base64>", ...]}
+                         (wav2vec 2.0 CTC, Whisper; any audio file soundfile reads, any sample rate)
+                                                                     -> {"predictions": [{"text": ...}, ...]}
+                         v2 input "audio" (BYTES, encoded audio)     -> output "text" (BYTES)
 
 A request KServe cannot read, or whose instances are not what the model takes, gets
 `kserve.errors.InvalidInput`, which KServe answers with 400 and the message.
@@ -427,11 +431,63 @@ class TextToImage(kserve.Model):  # type: ignore[misc]
 
 
 # head -> the kserve.Model that serves it
+# --- speech recognition ------------------------------------------------------------------------
+
+
+def decode_audio(item: Any) -> Any:
+    """16 kHz mono samples from an instance: base64 text, {"b64": ...} or {"audio": ...} of any audio file
+    soundfile reads (WAV, FLAC, OGG, MP3), resampled with torchaudio as the trainer reads clips."""
+    from kubetune_trainer.data import audio
+
+    if isinstance(item, dict):
+        for key in ("audio", "audio_bytes", "b64", "data"):
+            if key in item:
+                return decode_audio(item[key])
+        raise InvalidInput('an audio instance is base64 text, or {"audio": {"b64": ...}}')
+    if isinstance(item, str):
+        try:
+            item = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput("the audio is not valid base64") from None
+    if not isinstance(item, bytes):
+        raise InvalidInput(f"expected an encoded audio file, got {type(item).__name__}")
+    try:
+        return audio.load_audio({"bytes": item})
+    except Exception as e:  # soundfile's LibsndfileError and friends
+        raise InvalidInput(f"the audio cannot be decoded: {e}") from None
+
+
+class SpeechRecognizer(kserve.Model):  # type: ignore[misc]
+    """A speech recogniser (wav2vec 2.0 CTC or Whisper) through transformers' ASR pipeline: greedy transcripts,
+    Whisper writing the language and task tokens its stage trained with (its generation config's defaults)."""
+
+    def __init__(self, served: Served) -> None:
+        super().__init__(served.name)
+        self.served = served
+        self.ready = True
+
+    def transcribe(self, clips: list[Any]) -> list[str]:
+        with self.served.lock, torch.no_grad():
+            said = self.served.model(clips, batch_size=len(clips))
+        return [str(s["text"]).strip() for s in said]
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Any:
+        items, v2 = instances(payload, "audio")
+        clips = [decode_audio(i) for i in items]
+        texts = await asyncio.to_thread(self.transcribe, clips)
+        if v2:
+            return v2_response(payload, self.name, {"text": ("BYTES", texts)})
+        return {"predictions": [{"text": t} for t in texts]}
+
+
 MODELS: dict[str, type[LanguageModel] | type[RewardModel] | type[ImageClassifier] | type[TextToImage]
-             | type[ImageText]] = {
+             | type[ImageText] | type[SpeechRecognizer]] = {
     "causalLM": LanguageModel,
     "reward": RewardModel,
     "imageClassification": ImageClassifier,
     "contrastiveImageText": ImageText,
     "diffusionUNet": TextToImage,
+    "ctc": SpeechRecognizer,
+    "speechSeq2Seq": SpeechRecognizer,
 }

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainer_helpers import Trainer, report, weights
+from trainer_helpers import WHISPER, Trainer, report, weights
 
 # espeak-ng is a system tool `make test` installs (Makefile SYSTEM_TOOLS): without it these tests fail, not skip
 
@@ -116,32 +116,8 @@ def test_bad_audio_stops_the_stage_before_training(speech: dict[str, Path], tmp_
 
 # --- Whisper --------------------------------------------------------------------------------
 
-# Whisper built from scratch: 2 encoder and 2 decoder blocks of width 64 hearing a 3-second window
-# (the generated clips are at most 2.2 s), its tokenizer trained on the transcripts
-WHISPER = {"architecture": "whisper", "hiddenSize": 64, "numLayers": 2, "numHeads": 4, "windowSeconds": 3,
-           "maxPositionEmbeddings": 64}
-WHISPER_STEPS = 1500
-
-
-@pytest.fixture(scope="module")
-def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The generator's full-size transcribed set: 400 training clips, 96 held out (unseen voice/speed pairs)."""
-    from kubetune_trainer.data.synthetic_speech import make_speech
-
-    paths = make_speech(tmp_path_factory.mktemp("spoken"), seed=0, n_unlabelled=0)
-    return {"asr/train": paths["speech/train"], "asr/validation": paths["speech/validation"]}
-
-
-@pytest.fixture(scope="module")
-def whisper(spoken: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    trainer = Trainer(spoken, tmp_path_factory.mktemp("whisper"))
-    run = trainer.stage_run("whisper", "asr", "audioTranscript", "asr", init=WHISPER,
-                            hp={**HP, "batchSize": 16, "loggingSteps": 50, "maxSteps": WHISPER_STEPS,
-                                "learningRate": 1e-3})
-    metrics = trainer.train(run)
-    report(f"asr Whisper from model.init ({WHISPER_STEPS} steps)", metrics)
-    return Path(run["outputUri"]), metrics
-
+# `spoken` (the full-size generated set) and `whisper` (trained on it from model.init, WHISPER_STEPS steps) are
+# session fixtures of tests/conftest.py: the serving tests serve the same model.
 
 def test_whisper_from_scratch_learns_to_transcribe_spoken_digits(
     spoken: dict[str, Path], whisper: tuple[Path, dict[str, Any]],

@@ -20,6 +20,13 @@ TINY_INIT = {
 # Short sequences: the synthetic puzzles are under 20 tokens, corpus rows are cut at 64.
 FAST = {"maxLength": 32, "loggingSteps": 10, "saveSteps": 100000, "batchSize": 16}
 
+# Whisper built from scratch (tests/conftest.py's `whisper`): 2 encoder and 2 decoder blocks of width 64 hearing
+# a 3-second window (the generated clips are at most 2.2 s), its tokenizer trained on the transcripts.
+WHISPER = {"architecture": "whisper", "hiddenSize": 64, "numLayers": 2, "numHeads": 4, "windowSeconds": 3,
+           "maxPositionEmbeddings": 64}
+WHISPER_STEPS = 1500
+SPEECH_HP = {"batchSize": 16, "loggingSteps": 50, "saveSteps": 100000, "warmupRatio": 0.1, "lrSchedulerType": "cosine"}
+
 
 class Trainer:
     """Builds StageRuns over the synthetic data and runs kubetune-train on them."""

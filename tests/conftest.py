@@ -1,0 +1,41 @@
+"""Fixtures shared by more than one test folder: the generated spoken digits and a Whisper trained on them
+once per session (tests/trainer/test_speech.py proves it learned; tests/serving/test_serve_speech.py serves it).
+Torch uses one thread while training it, as the trainer tests and `kubetune serve` in the serving tests do, so
+the served model hears exactly what the trainer's evaluation heard."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "trainer"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+@pytest.fixture(scope="session")
+def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The generator's full-size transcribed set: 400 training clips, 96 held out (unseen voice/speed pairs)."""
+    from kubetune_trainer.data.synthetic_speech import make_speech
+
+    paths = make_speech(tmp_path_factory.mktemp("spoken"), seed=0, n_unlabelled=0)
+    return {"asr/train": paths["speech/train"], "asr/validation": paths["speech/validation"]}
+
+
+@pytest.fixture(scope="session")
+def whisper(spoken: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """(the stage folder, its metrics.json) of Whisper trained from model.init for WHISPER_STEPS steps."""
+    import torch
+    from trainer_helpers import SPEECH_HP, WHISPER, WHISPER_STEPS, Trainer, report
+
+    torch.set_num_threads(1)
+    trainer = Trainer(spoken, tmp_path_factory.mktemp("whisper"))
+    run = trainer.stage_run("whisper", "asr", "audioTranscript", "asr", init=WHISPER,
+                            hp={**SPEECH_HP, "maxSteps": WHISPER_STEPS, "learningRate": 1e-3})
+    metrics = trainer.train(run)
+    report(f"asr Whisper from model.init ({WHISPER_STEPS} steps)", metrics)
+    return Path(run["outputUri"]), metrics

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.conftest import Cluster, wait_for
+from e2e.conftest import Cluster
 from e2e.images.conftest import image, podman_flags
 from e2e.operator.conftest import (  # noqa: F401  (fixtures, and the pipeline test run with this image)
-    PEERING, Operator, _cleanup_pvs, namespace, operator_crds, operator_kubeconfig, running_operator, workspace,
+    Operator, _cleanup_pvs, namespace, operator_crds, operator_kubeconfig, running_operator, workspace,
 )
 from e2e.operator.test_e2e_operator_pipeline import test_three_stages_run_in_order_and_the_job_succeeds  # noqa: F401
 
@@ -55,24 +55,12 @@ class ImageOperator(Operator):
         return folder
 
     def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.starts += 1
         args = ["podman", "run", "--rm", "--name", self.container, *podman_flags(),
                 "--network", "host", "--read-only", "--user", f"{UID}:{UID}", "--tmpfs", "/tmp:rw,mode=1777",
                 "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
                 "--volume", f"{self._config_dir()}:/etc/kubetune:ro", "--env", "KUBECONFIG=/etc/kubetune/kubeconfig",
-                "--env", f"POD_ID={self.identity}",
-                self.ref, "operator", "--all-namespaces", "--peering", PEERING,
-                "--priority", str(self.priority), "--peering-lifetime", "10",
-                "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
-                "--trainer-metrics-port", str(self.trainer_metrics_port),
-                "--trainer-image", "ghcr.io/kubetune/trainer:e2e", "--image-pull-policy", "Never",
-                "--validation-toleration", "kwok.x-k8s.io/node:NoSchedule", "--progress-interval", "1"]
-        with self.log.open("ab") as out:
-            out.write(f"\n===== start {self.starts}: {' '.join(args)}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for("the operator image's liveness endpoint", self._alive, timeout=90)
+                "--env", f"POD_ID={self.identity}", self.ref, *self.operator_args()]
+        self.launch(args, None, "the operator image's liveness endpoint", 90)
 
     def kill(self) -> None:
         subprocess.run(["podman", "kill", "--signal", "KILL", self.container], capture_output=True)

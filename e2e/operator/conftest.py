@@ -136,22 +136,28 @@ class Operator:
     def log(self) -> Path:
         return self.log_dir / f"{self.identity}.log"
 
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.starts += 1
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_ID": self.identity,
-               "PYTHONUNBUFFERED": "1"}
-        args = [str(VENV_BIN / "kubetune"), "operator", "--all-namespaces", "--peering", PEERING,
+    def operator_args(self) -> list[str]:
+        """`kubetune operator ...` as the tests run it (the operator image's test runs the same in a container)."""
+        return ["operator", "--all-namespaces", "--peering", PEERING,
                 "--priority", str(self.priority), "--peering-lifetime", "10",
                 "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
                 "--trainer-metrics-port", str(self.trainer_metrics_port),
                 "--trainer-image", "ghcr.io/kubetune/trainer:e2e", "--image-pull-policy", "Never",
                 "--validation-toleration", "kwok.x-k8s.io/node:NoSchedule", "--progress-interval", "1"]
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_ID": self.identity, "PYTHONUNBUFFERED": "1"}
+        self.launch([str(VENV_BIN / "kubetune"), *self.operator_args()], env, "the operator's liveness endpoint", 60)
+
+    def launch(self, args: list[str], env: dict[str, str] | None, what: str, timeout: float) -> None:
+        """Start `args` with its output appended to the log, and wait until the liveness endpoint answers."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
         with self.log.open("ab") as out:
             out.write(f"\n===== start {self.starts}: {' '.join(args)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for("the operator's liveness endpoint", self._alive, timeout=60)
+        wait_for(what, self._alive, timeout=timeout)
 
     def _alive(self) -> bool:
         return healthy(self.proc, self.liveness_port, self.log)
@@ -541,4 +547,8 @@ def _cleanup_pvs(admin_api: client.ApiClient) -> Iterator[None]:
     yield
     core = client.CoreV1Api(admin_api)
     for pv in core.list_persistent_volume(label_selector="kubetune-e2e").items:
-        core.delete_persistent_volume(pv.metadata.name)
+        try:
+            core.delete_persistent_volume(pv.metadata.name)
+        except client.ApiException as e:
+            if e.status != 404:  # gone already: the image tests import this fixture, so it can run twice
+                raise

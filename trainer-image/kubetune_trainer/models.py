@@ -486,9 +486,10 @@ def count_parameters(model: Any, trainable: bool = False) -> int:
 BaseLoader = Callable[[str, Any], Any]
 
 
-def load_base(run: StageRun, path: str, dtype: Any) -> Any:
-    """The model at `path` in `dtype` (a torch dtype or "auto"), as the stage's registry head loads it."""
-    spec = head_of(run)
+def load_base(run: StageRun, path: str, dtype: Any, head: str | None = None) -> Any:
+    """The model at `path` in `dtype` (a torch dtype or "auto"), as registry head `head` (default: the stage
+    type's) loads it."""
+    spec = head_of(run, head)
     return spec.cls().from_pretrained(path, dtype=dtype, trust_remote_code=run.trust_remote_code, **dict(spec.kwargs))
 
 

@@ -127,9 +127,8 @@ def architecture(run: StageRun) -> str:
     return str(config.model_type)
 
 
-def build(run: StageRun, spec: AsrSpec, texts: list[str]) -> tuple[Any, Any]:
-    """(Wav2Vec2ForCTC, Wav2Vec2Processor): from run.modelUri, or built from run.modelInit."""
-    kind = architecture(run)
+def build(run: StageRun, spec: AsrSpec, texts: list[str], kind: str) -> tuple[Any, Any]:
+    """(Wav2Vec2ForCTC, Wav2Vec2Processor) of model type `kind`: from run.modelUri, or built from run.modelInit."""
     if kind not in CTC_MODEL_TYPES:
         raise ValueError(f"an asr stage trains Whisper or wav2vec 2.0-style CTC models ({', '.join(CTC_MODEL_TYPES)}), "
                          f"not {kind}")
@@ -300,13 +299,6 @@ def check_window(rows: list[dict[str, Any]], processor: Any) -> None:
                          "cut them, or build the model with a longer model.init.windowSeconds")
 
 
-def whisper_loader(run: StageRun) -> models.BaseLoader:
-    """How common.save and models.load_trained load the base under a LoRA adapter: Whisper's seq2seq class
-    (the stage type's registry head is CTC's)."""
-    cls = models.head_of(run, WHISPER_HEAD).cls()
-    return lambda path, dtype: cls.from_pretrained(path, dtype=dtype, trust_remote_code=run.trust_remote_code)
-
-
 def run_whisper(run: StageRun, spec: AsrSpec, ctx: Context, rows: list[dict[str, Any]],
                 held_out: list[dict[str, Any]]) -> dict[str, Any]:
     # --- build
@@ -337,7 +329,9 @@ def run_whisper(run: StageRun, spec: AsrSpec, ctx: Context, rows: list[dict[str,
     common.train(trainer, ctx)
 
     # --- save
-    loader = whisper_loader(run)
+    def loader(path: str, dtype: Any) -> Any:  # the base under a LoRA adapter: Whisper's class, not the registry's CTC
+        return models.load_base(run, path, dtype, WHISPER_HEAD)
+
     common.save(trainer, run, ctx, processor, loader)
 
     after = sample = None
@@ -371,7 +365,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
         return run_whisper(run, spec, ctx, rows, held_out)
 
     # --- build
-    model, processor = build(run, spec, [r["text"] for r in rows])
+    model, processor = build(run, spec, [r["text"] for r in rows], kind)
     freeze = spec.freeze_feature_encoder if spec.freeze_feature_encoder is not None else run.model_uri is not None
     if freeze:
         model.freeze_feature_encoder()

@@ -421,7 +421,6 @@ def test_killed_stage_resumes_from_its_checkpoint(
     import re
     import signal
     import subprocess
-    import sys
     import time
 
     from kubetune_trainer import common

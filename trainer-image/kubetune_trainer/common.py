@@ -17,9 +17,7 @@ head) come from its registry entry, `run.info`.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -31,7 +29,6 @@ import torch
 import torch.distributed as dist
 from kubetune.api import StageRun, registry
 from kubetune.api.finetunejob import DEFAULT_MAX_LENGTH
-from kubetune.shared import write_json
 
 from kubetune_trainer import bottleneck, models
 

@@ -313,6 +313,13 @@ def base_dtype(run: StageRun) -> torch.dtype:
     return compute_dtype(run.hyperparameters.precision)
 
 
+def init_of(run: StageRun) -> ModelInit:
+    """run.modelInit, for a stage that builds its model because it has no modelUri."""
+    if run.model_init is None:
+        raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+    return run.model_init
+
+
 def load_model(run: StageRun, processing_class: Any, head: str | None = None, uri: str | None = None) -> Any:
     """The model a stage trains: from `uri` (default: run.modelUri) or built from run.modelInit.
 
@@ -322,13 +329,12 @@ def load_model(run: StageRun, processing_class: Any, head: str | None = None, ur
     cls, extra = spec.cls(), dict(spec.kwargs)
     uri = uri or run.model_uri
     if uri is None:
-        if run.model_init is None:
-            raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
-        config = init_config(run.model_init, processing_class)
+        init = init_of(run)
+        config = init_config(init, processing_class)
         for k, v in extra.items():
             setattr(config, k, v)
         model = cls.from_config(config)
-        log.info("Initialised model architecture=%s parameters=%d", run.model_init.architecture, count_parameters(model))
+        log.info("Initialised model architecture=%s parameters=%d", init.architecture, count_parameters(model))
         return model
     path = str(storage.local_path(uri))
     kwargs: dict[str, Any] = {"dtype": base_dtype(run), "trust_remote_code": run.trust_remote_code, **extra}

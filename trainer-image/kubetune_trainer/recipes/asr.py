@@ -120,9 +120,7 @@ class Collate:
 def architecture(run: StageRun) -> str:
     """The model type the stage trains: model.init's architecture, or the config's at model.uri."""
     if run.model_uri is None:
-        if run.model_init is None:
-            raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
-        return run.model_init.architecture
+        return models.init_of(run).architecture
     config = AutoConfig.from_pretrained(str(storage.local_path(run.model_uri)), trust_remote_code=run.trust_remote_code)
     return str(config.model_type)
 

@@ -83,9 +83,7 @@ def build(run: StageRun, spec: AudioPretrainSpec) -> tuple[Any, Any]:
     cls = models.head_of(run).cls()
     settings = {"num_negatives": spec.num_negatives, "diversity_loss_weight": spec.diversity_loss_weight}
     if run.model_uri is None:
-        init = run.model_init
-        if init is None:
-            raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+        init = models.init_of(run)
         if init.architecture != "wav2vec2":
             raise ValueError(f"an audioPretrain stage builds wav2vec2 from model.init, not {init.architecture}")
         model = cls(models.wav2vec2_config(init, **settings))

@@ -144,9 +144,7 @@ def build(run: StageRun, captions: list[str]) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     if run.model_uri is None:
-        init = run.model_init
-        if init is None:
-            raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+        init = models.init_of(run)
         if init.architecture != "clip":
             raise ValueError(f"model.init.architecture {init.architecture} is no CLIP model; a clip stage builds clip")
         tokenizer = caption_tokenizer(run, captions)

@@ -26,7 +26,6 @@ from kubetune_trainer.common import Context
 
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
-    hp = run.hyperparameters
     spec = run.settings(DpoSpec)
     loss = "robust" if spec.loss == "sigmoid" and spec.label_smoothing > 0 else spec.loss
 

@@ -160,9 +160,7 @@ def load_classifier(run: StageRun, path: str, names: list[str], quantize: bool =
 def build(run: StageRun, names: list[str]) -> tuple[Any, Any]:
     """(model, image processor): from run.modelUri, or built from run.modelInit."""
     if run.model_uri is None:
-        init = run.model_init
-        if init is None:
-            raise ValueError("the StageRun has neither modelUri nor modelInit; set spec.model.uri or spec.model.init")
+        init = models.init_of(run)
         if ARCHITECTURES[init.architecture] != "image":
             raise ValueError(f"model.init.architecture {init.architecture} is a text model; an imageClassification "
                              "stage builds vit, convnext or resnet")

@@ -45,8 +45,6 @@ def sample(model: Any, tokenizer: Any, text: str) -> tuple[str, str]:
 
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
-    hp = run.hyperparameters
-
     # --- load
     rows, held_out = common.load_data(run)
     texts = [r["text"] for r in rows]

@@ -23,7 +23,6 @@ from kubetune_trainer.common import Context
 
 
 def run(run: StageRun, ctx: Context) -> dict[str, Any]:
-    hp = run.hyperparameters
     spec = run.settings(RewardSpec)
 
     # --- load

@@ -12,8 +12,10 @@ read-only root filesystem when the container asks for one (a private mount names
 everything but the pod's writable volumes is remounted read-only; read-only volumes and
 ConfigMaps stay read-only), and writes the outcome into the pod's status
 (containerStatuses[].state.terminated with exit code and termination message, phase Succeeded
-or Failed). Everything else (Jobs, the training-operator, the operator) reacts to that status
-as it would on a real cluster.
+or Failed; a process a signal killed exits 128 + its number, as a container runtime reports it).
+A pod the training-operator replaces under the same name is run again by calling `start` once
+the replacement runs; its log follows its predecessor's. Everything else (Jobs, the
+training-operator, the operator) reacts to that status as it would on a real cluster.
 
 What the stand-in does not reproduce: the image (the command runs from this checkout's
 virtualenv), the user and group, dropped capabilities and seccomp of the securityContext,
@@ -406,13 +408,16 @@ class Kubelet:
                 env[e["name"]] = value
         env["KUBETUNE_PVC_ROOT"] = str(self.pvc_root)
         command = [sys.executable if c == "python" else local(c) for c in container["command"] + container.get("args", [])]
-        termination_log.touch()
+        termination_log.write_text("")  # a replacement pod of the same name starts with none
         command = in_mount_namespace(
             command, writable=[p for p, ro in read_only.items() if not ro] + [termination_log],
             read_only=[p for p, ro in read_only.items() if ro],
             read_only_root=bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem")))
         log = root / "log.txt"
-        with log.open("wb") as out:
+        with log.open("ab") as out:  # a replacement pod of the same name logs on after the one it replaces
+            if out.tell():
+                out.write(f"\n===== replacement pod uid={pod['metadata']['uid']}\n".encode())
+                out.flush()
             proc = subprocess.Popen(command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
         self.procs[f"{namespace}/{name}"] = (proc, termination_log, log, fallback)
         if pod_ip:
@@ -498,6 +503,8 @@ class Kubelet:
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail(f"pod {namespace}/{name} ran past {timeout}s; log: {log.read_text()[-3000:]}")
+        if code < 0:  # killed by a signal: the container runtime reports 128 + its number
+            code = 128 - code
         message = termination_log.read_text()[:4096] if termination_log.exists() else ""
         if code != 0 and not message and fallback:  # the kubelet's FallbackToLogsOnError
             message = log.read_text(errors="replace")[-2048:]
@@ -524,7 +531,21 @@ class Kubelet:
         ])
 
     def log(self, namespace: str, name: str) -> str:
+        """The pod's output (after it, that of each replacement pod of the same name)."""
         return (self.work / name / "log.txt").read_text(errors="replace")
+
+    def processes(self, namespace: str, name: str) -> list[int]:
+        """The pids of the running pod's processes, its container's main process first."""
+        proc = self.procs[f"{namespace}/{name}"][0]
+        found, i = [proc.pid], 0
+        while i < len(found):
+            try:
+                found += [int(c) for t in Path(f"/proc/{found[i]}/task").iterdir()
+                          for c in (t / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                pass
+            i += 1
+        return found
 
     def kill_all(self) -> None:
         for proc, *_ in self.procs.values():

@@ -19,7 +19,15 @@ Metrics (labels finetunejob and stage only; `job` is Prometheus' own target labe
     kubetune_trainer_tokens_per_second           input tokens per second since the last logging step
     kubetune_trainer_samples_per_second          examples per second since the last logging step
     kubetune_trainer_tokens_total                input tokens seen (counter)
+    kubetune_trainer_tokens_trained              input tokens the model has trained on, up to the current step
+    kubetune_trainer_samples_trained             examples the model has trained on, up to the current step
+    kubetune_trainer_checkpoint_step             step of the newest complete checkpoint (-1: none yet)
     kubetune_trainer_gpu_memory_bytes            peak CUDA memory allocated by this process (GPU only)
+
+tokens_trained and samples_trained are the trainer state's figures: a stage resumed from a
+checkpoint starts from the checkpoint's, so steps redone after a restart are not counted twice
+(tokens_total counts what this process read, redone steps included). The operator copies them
+and the checkpoint (as <output>/checkpoint-<step>) into the stage's status.
 
 RL stages (ppo, grpo) also report, at each logging step, the figures of `RL_FIGURES` (mean
 reward, KL to the reference, entropy; PPO adds value loss, clip fraction and explained
@@ -39,7 +47,7 @@ from transformers import TrainerCallback
 from kubetune.api.meta import now_rfc3339
 from kubetune.shared import write_json
 
-from kubetune_trainer.common import latest_checkpoint
+from kubetune_trainer.common import checkpoints, latest_checkpoint
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -78,6 +86,10 @@ class Metrics:
         self.tokens = Counter(
             "kubetune_trainer_tokens", "Input tokens seen.", labels, registry=self.registry
         ).labels(job, stage)
+        self.tokens_trained = gauge("tokens_trained", "Input tokens the model has trained on, up to the current step.")
+        self.samples_trained = gauge("samples_trained", "Examples the model has trained on, up to the current step.")
+        self.checkpoint_step = gauge("checkpoint_step", "Step of the newest complete checkpoint (-1: none yet).")
+        self.checkpoint_step.set(-1)
         self.gpu_memory = gauge("gpu_memory_bytes", "Peak CUDA memory allocated by this process.") \
             if torch.cuda.is_available() else None
         self._gauge = gauge
@@ -114,6 +126,8 @@ class ProgressCallback(TrainerCallback):
         self.start_time = time.time()
         self.start_step = 0
         self._last = (time.time(), 0, 0)  # time, tokens, step at the previous log
+        if metrics:  # a restarted stage: its newest checkpoint is known before the model loads
+            metrics.checkpoint_step.set(newest_checkpoint_step(out))
 
     # -- the file --
 
@@ -148,6 +162,7 @@ class ProgressCallback(TrainerCallback):
         if self.metrics:
             self.metrics.total_steps.set(state.max_steps)
             self.metrics.step.set(state.global_step)
+            self.count(args, state)
         self.write(state)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
@@ -172,6 +187,7 @@ class ProgressCallback(TrainerCallback):
             m = self.metrics
             m.step.set(step)
             m.epoch.set(state.epoch or 0.0)
+            self.count(args, state)
             if self.loss is not None:
                 m.loss.set(self.loss)
             if self.lr is not None:
@@ -195,7 +211,28 @@ class ProgressCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
+            if self.metrics:
+                self.metrics.step.set(state.global_step)
+                self.count(args, state)
+                self.metrics.checkpoint_step.set(newest_checkpoint_step(self.out))
             self.write(state)
+
+    def count(self, args: Any, state: Any) -> None:
+        """Tokens and samples trained up to the state's step (both restored with a checkpoint)."""
+        assert self.metrics is not None
+        self.metrics.tokens_trained.set(int(state.num_input_tokens_seen or 0))
+        self.metrics.samples_trained.set(samples_trained(args, state))
+
+
+def samples_trained(args: Any, state: Any) -> int:
+    """Examples in the optimizer steps done: steps x per-device batch x accumulation x processes."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    return int(state.global_step) * int(per_step)
+
+
+def newest_checkpoint_step(out: Path) -> int:
+    """Step of the newest complete checkpoint in the stage folder, -1 when there is none."""
+    return max((step for step, _, complete in checkpoints(out) if complete), default=-1)
 
 
 def write_final(out: Path, output_uri: str, status: str, step: int = 0, total: int = 0, loss: float | None = None) -> None:

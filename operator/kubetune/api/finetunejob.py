@@ -197,7 +197,7 @@ class LoraSpec(KubeModel):
     alpha: int = Field(default=16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0.0, le=0.9, description="Dropout on the LoRA input.")
     target_modules: list[ShortString] = Field(
-        default_factory=lambda: ["all-linear"], min_length=1, max_length=64,
+        default=["all-linear"], min_length=1, max_length=64,
         description="Module names to adapt, or all-linear for every linear layer but the output head.",
     )
     use_dora: bool = Field(default=False, description="Use DoRA (weight-decomposed LoRA).")
@@ -511,6 +511,11 @@ class FineTuneJobSpec(KubeModel, json_schema_extra=_spec_rules()):
 StageState = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Interrupted"]
 
 
+class CheckpointRef(KubeModel):
+    step: int = Field(ge=0, description="Optimizer step the checkpoint was saved at.")
+    uri: str = Field(description="Where it is: <outputUri>/checkpoint-<step>.")
+
+
 class StageStatus(KubeModel):
     name: str = Field(description="Stage name.")
     type: str = Field(description="Stage type.")
@@ -519,13 +524,25 @@ class StageStatus(KubeModel):
     start_time: str | None = Field(default=None, description="When the stage started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the stage ended (RFC 3339).")
     output_uri: str | None = Field(default=None, description="Where the stage wrote its model.")
-    last_checkpoint: str | None = Field(default=None, description="The stage's newest complete checkpoint.")
+    last_checkpoint: CheckpointRef | None = Field(
+        default=None, description="The newest complete checkpoint the trainer wrote; a restarted stage resumes from it.")
     step: int | None = Field(default=None, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, description="Optimizer steps planned.")
     eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
     metrics: dict[str, float] | None = Field(default=None, description="Key metrics: loss, eval figures, throughput.")
     message: str | None = Field(default=None, description="Why the stage is in its state.")
     exit_code: int | None = Field(default=None, description="Exit code of the trainer when it failed or was interrupted.")
+    tokens_trained: int | None = Field(default=None, ge=0, description=(
+        "Input tokens the model has trained on (text stages), up to step: a stage resumed from a checkpoint counts "
+        "from the checkpoint's figure, so steps redone after a restart are not counted twice."))
+    samples_trained: int | None = Field(default=None, ge=0, description=(
+        "Examples the model has trained on (image and audio stages), up to step: steps times batchSize times "
+        "gradientAccumulationSteps times processes."))
+    restarts: int | None = Field(default=None, ge=0, description=(
+        "Times the training-operator restarted the stage's pods after a retryable failure (exit code 128-255: "
+        "killed, out of memory, preempted), each one from lastCheckpoint. Under the ExitCode restart policy a "
+        "failed pod is replaced, not restarted in place, so the pods' own restart counts stay 0."))
+    last_restart_time: str | None = Field(default=None, description="When the stage's pods were last restarted (RFC 3339).")
 
 
 class FineTuneJobStatus(KubeModel):

@@ -138,7 +138,7 @@ class GrpoSpec(KubeModel, json_schema_extra=rules(
         "grpo.rewardFunctions has format: set grpo.formatPattern, the regular expression an answer must match"),
 )):
     reward_functions: list[RewardFunction] = Field(
-        default_factory=lambda: list[RewardFunction](["exactMatch"]), max_length=4,
+        default=["exactMatch"], max_length=4,
         description="Built-in rewards of each completion: exactMatch (1 when it equals the row's reference answer, "
                     "whitespace aside), numericMatch (1 when its last number equals the reference's), format (1 when "
                     "it matches formatPattern), lengthPenalty (minus its length over maxCompletionLength). Summed, "
@@ -220,7 +220,7 @@ class UNetInit(KubeModel, json_schema_extra=rules(
                                    "and centre-cropped to it).",
     )
     block_out_channels: list[int] = Field(
-        default_factory=lambda: [32, 64], min_length=1, max_length=6,
+        default=[32, 64], min_length=1, max_length=6,
         description="Channels of each resolution level, from the full-resolution one down; each next level halves "
                     "the side. Every level but the first has cross-attention to the caption (as Stable "
                     "Diffusion's, whose highest-resolution levels are the costliest to attend over).",

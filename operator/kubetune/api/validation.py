@@ -3,7 +3,8 @@
     kubetune validate examples/*.yaml
 
 Three passes, each only when the one before found nothing:
-1. the schema: the pydantic models (types, enums, bounds, patterns, unknown fields);
+1. the schema: the pydantic models (types, enums, bounds, patterns, unknown fields), strictly, on
+   the object as the API server decodes it (`as_decoded`: nulls pruned, 2.0 an integer);
 2. the CEL rules of the generated CRD, evaluated with cel-python on the defaulted object,
    so the rules are written once (in the models) and mean the same here and on the server;
 3. semantic checks the schema cannot express (`semantic_problems`).
@@ -12,6 +13,8 @@ Every problem names its field path and says what to fix.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,10 +88,46 @@ def _fix(err: Any) -> str:
     return str(err["msg"]).replace("Input", "value").replace("input", "value")
 
 
+@functools.cache
+def _root_schema(kind: str) -> dict[str, Any]:
+    root: dict[str, Any] = crds.render()[_CRD_FILE[kind]]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return root
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def as_decoded(schema: dict[str, Any], value: Any) -> Any:
+    """`value` as the API server reads it against `schema`: a null field of an object is pruned (then
+    defaulted, or missing when it is required), and a whole number in an integer field is an integer
+    (JSON has one number type: the server takes 2.0 where it wants an integer, and refuses 2.5), one beyond
+    int64 is a float, not an integer."""
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        out = {}
+        for k, v in value.items():
+            sub = props.get(k, extra if isinstance(extra, dict) else None)
+            if sub is None:
+                out[k] = v  # unknown: refused as such, null or not
+            elif v is not None:
+                out[k] = as_decoded(sub, v)
+        return out
+    if isinstance(value, list):
+        return [as_decoded(schema.get("items", {}), v) for v in value]  # a null item is refused, not pruned
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return float(value)  # beyond int64 the server's decoder reads a number as a float
+    if schema.get("type") == "integer" and isinstance(value, float) and value.is_integer() and (
+            _INT64[0] <= value < _INT64[1]):
+        return int(value)
+    return value
+
+
 def schema_problems(kind: str, obj: dict[str, Any]) -> tuple[BaseModel | None, list[Problem]]:
     try:
-        # by_name=False: manifests speak camelCase only (Python code may use snake_case names)
-        return KINDS[kind].model_validate(obj, by_alias=True, by_name=False), []
+        # by_name=False: manifests speak camelCase only (Python code may use snake_case names).
+        # strict: no "3" for 3 or 1 for true; the API server takes a value of the schema's JSON type only.
+        return KINDS[kind].model_validate(
+            as_decoded(_root_schema(kind), obj), by_alias=True, by_name=False, strict=True), []
     except ValidationError as e:
         return None, [Problem(_path(err["loc"]), _fix(err)) for err in e.errors()]
 
@@ -119,10 +158,8 @@ def _walk_cel(schema: dict[str, Any], value: Any, path: str, out: list[Problem])
 
 
 def cel_problems(kind: str, wire: dict[str, Any]) -> list[Problem]:
-    crd = crds.render()[_CRD_FILE[kind]]
-    root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     out: list[Problem] = []
-    _walk_cel(root, wire, "", out)
+    _walk_cel(_root_schema(kind), wire, "", out)
     return out
 
 
@@ -269,9 +306,18 @@ def validate_object(obj: Any) -> list[Problem]:
     return semantic_problems(model)
 
 
+class _KubectlLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it: 1e-5 is a number too (PyYAML's YAML 1.1 floats need a dot, 1.0e-5), so
+    that the strict schema pass refuses no number the API server would take."""
+
+
+_KubectlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 def load_documents(path: Path) -> list[Any]:
     with path.open() as f:
-        return [d for d in yaml.safe_load_all(f) if d is not None]
+        return [d for d in yaml.load_all(f, Loader=_KubectlLoader) if d is not None]
 
 
 def validate_file(path: Path) -> list[tuple[str, list[Problem]]]:

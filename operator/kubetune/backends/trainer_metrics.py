@@ -2,8 +2,8 @@
 
 The trainer (rank 0, on the master pod) serves `kubetune_trainer_*` gauges on the StageRun's
 metricsPort (see kubetune_trainer/callbacks.py). While a stage runs, the operator GETs
-`http://<master pod IP>:<port>/metrics` and copies step, total steps and the last figures into
-the stage's status. An endpoint that cannot be reached (the pod starting, a network policy,
+`http://<master pod IP>:<port>/metrics` and copies step, total steps, the last figures, the
+tokens or samples trained and the newest complete checkpoint's step into the stage's status. An endpoint that cannot be reached (the pod starting, a network policy,
 KWOK's fake pods) only means no progress this time.
 """
 
@@ -26,11 +26,18 @@ FIGURES = {
 }
 
 
+# Counts kept as they are (`-1`, or no gauge: none yet).
+COUNTS = {"tokens_trained": "tokens", "samples_trained": "samples", "checkpoint_step": "checkpoint_step"}
+
+
 @dataclass
 class TrainerProgress:
     step: int | None = None
     total_steps: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    tokens: int | None = None  # tokens trained so far (a resumed run restores the count)
+    samples: int | None = None  # samples trained so far
+    checkpoint_step: int | None = None  # the newest complete checkpoint's step; None: none yet
 
     @property
     def percent(self) -> int | None:
@@ -53,6 +60,8 @@ def parse(text: str) -> TrainerProgress:
             out.total_steps = int(value)
         elif name in FIGURES and value == value:  # skip NaN
             out.metrics[FIGURES[name]] = round(float(value), 6)
+        elif name in COUNTS and value == value and value >= 0:
+            setattr(out, COUNTS[name], int(value))
     return out
 
 

@@ -29,7 +29,7 @@ from kubetune.api import registry
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune.api.meta import API_VERSION, find_condition, is_true, now_rfc3339
 from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
-from kubetune.api.stagerun import StageData, render_stage_run
+from kubetune.api.stagerun import StageData, render_stage_run, stage_output_uri
 from kubetune.backends import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, child_name, label_value
 from kubetune.backends import pytorchjob as backend
 from kubetune.backends import trainer_metrics
@@ -45,6 +45,7 @@ from kubetune.controllers.pipeline import (
     observe_stages,
     progress,
     publish_runtime,
+    restarted_at,
     seconds_between,
 )
 
@@ -104,7 +105,10 @@ def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | 
     seen = (backend.observe(pj), backend.times(pj), backend.is_suspended(pj), backend.suspended_by_us(pj))
     if type != "DELETED" and _observed.get(uid) == seen:
         return
-    common.quietly(lambda: reconcile(namespace, owner))
+    # a restart this event shows is counted even if the pods run again by the time reconcile reads the job
+    restart = restarted_at(pj)
+    restarts = {pj["metadata"]["name"]: restart} if restart else None
+    common.quietly(lambda: reconcile(namespace, owner, restarts=restarts))
     if type != "DELETED" and _reconciled.get((namespace, owner)):
         _observed[uid] = seen
 
@@ -171,16 +175,18 @@ class Scraped:
     progress: trainer_metrics.TrainerProgress
 
 
-def reconcile(namespace: str, name: str, *, scrape: bool = False, scraped: Scraped | None = None) -> None:
+def reconcile(namespace: str, name: str, *, scrape: bool = False, scraped: Scraped | None = None,
+              restarts: dict[str, str] | None = None) -> None:
     with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob"):
         _reconciled.pop((namespace, name), None)
         body = common.get_custom(FINETUNEJOBS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
-            _reconcile(body, scrape, scraped)
+            _reconcile(body, scrape, scraped, restarts)
         _reconciled[(namespace, name)] = time.monotonic()
 
 
-def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = None) -> None:
+def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = None,
+               restarts: dict[str, str] | None = None) -> None:
     meta, status = body["metadata"], dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
@@ -222,7 +228,7 @@ def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = Non
         pj["metadata"]["name"]: pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
         if any(ref.get("uid") == meta["uid"] for ref in pj["metadata"].get("ownerReferences") or [])
     }
-    plan = observe_stages(job, children, list(status.get("stages") or []), output_base)
+    plan = observe_stages(job, children, list(status.get("stages") or []), output_base, restarts)
     suspend = job.spec.run_policy.suspend
     child = children.get(backend.job_name(name, job.spec.stages[plan.index].name))
 
@@ -242,7 +248,9 @@ def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = Non
             plan.stages[plan.index]["message"] += f" ({detail})"
     if scraped is not None and plan.phase == Phase.RUNNING and child is not None \
             and scraped.pytorchjob == child["metadata"]["name"] and common.owned_by(scraped.pod, child):
-        apply_progress(plan.stages[plan.index], scraped.progress)
+        apply_progress(plan.stages[plan.index], scraped.progress,
+                       stage_output_uri(output_base, job.spec.stages[plan.index]),
+                       registry.get(job.spec.stages[plan.index].type).modality == "text")
     if plan.phase == Phase.PENDING and child is not None:
         # looked up by the timer only; other reconciles keep what it found
         previous = (find_condition(conditions, r.RUNNING) or {}).get("message", "")
@@ -359,8 +367,18 @@ def scrape_running_stage(namespace: str, status: Mapping[str, Any]) -> Scraped |
     return Scraped(running, pod, got) if got is not None else None
 
 
-def apply_progress(entry: dict[str, Any], got: trainer_metrics.TrainerProgress) -> None:
-    """Copy scraped progress into a stage's status entry, with an ETA from the stage's start."""
+def apply_progress(entry: dict[str, Any], got: trainer_metrics.TrainerProgress, output_uri: str = "",
+                   counts_tokens: bool = True) -> None:
+    """Copy scraped progress into a stage's status entry, with an ETA from the stage's start: step,
+    the last figures, tokens trained (`counts_tokens`: text stages) or samples trained (image and
+    audio stages), and the newest complete checkpoint, at `<output_uri>/checkpoint-<step>`."""
+    if counts_tokens and got.tokens is not None:
+        entry["tokensTrained"] = got.tokens
+    elif not counts_tokens and got.samples is not None:
+        entry["samplesTrained"] = got.samples
+    if got.checkpoint_step is not None and output_uri:
+        entry["lastCheckpoint"] = {"step": got.checkpoint_step,
+                                   "uri": f"{output_uri.rstrip('/')}/checkpoint-{got.checkpoint_step}"}
     if got.step is not None:
         entry["step"] = got.step
     if got.total_steps:

@@ -107,10 +107,29 @@ def check(body: dict[str, Any]) -> tuple[FineTuneJob | None, list[str]]:
     return job, sorted(set(problems), key=problems.index)
 
 
+def restarted_at(pytorchjob: dict[str, Any]) -> str | None:
+    """When the training-operator last restarted the PyTorchJob's pods, while it restarts them: the
+    lastTransitionTime of its Restarting condition. (Training-operator v1 keeps no restart count, and
+    drops the condition once the pods run again, so restarts are counted as they are seen.)"""
+    for c in (pytorchjob.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Restarting" and c.get("status") == "True":
+            return str(c.get("lastTransitionTime") or "") or None
+    return None
+
+
+def count_restart(entry: dict[str, Any], at: str | None) -> None:
+    """Count a restart seen at `at` in the stage's status entry, once (lastRestartTime)."""
+    if at and (entry.get("lastRestartTime") or "") < at:
+        entry["restarts"] = int(entry.get("restarts") or 0) + 1
+        entry["lastRestartTime"] = at
+
+
 def observe_stages(
-    job: FineTuneJob, children: dict[str, dict[str, Any]], previous: list[dict[str, Any]], output_base: str
+    job: FineTuneJob, children: dict[str, dict[str, Any]], previous: list[dict[str, Any]], output_base: str,
+    restarts: dict[str, str] | None = None,
 ) -> Plan:
     """Stage statuses from the PyTorchJobs (by name) and the previous status, and the next step.
+    `restarts`: restarts seen in watch events (PyTorchJob name -> time) that `children` may no longer show.
 
     A stage whose PyTorchJob is gone keeps the state the status recorded when it was final,
     so a deleted child never makes a finished stage run again. A stage whose PyTorchJob was
@@ -127,7 +146,7 @@ def observe_stages(
         entry: dict[str, Any] = {"name": stage.name, "type": stage.type, "state": "Pending"}
         old = prev.get(stage.name) or {}
         for k in ("jobName", "startTime", "completionTime", "outputUri", "lastCheckpoint", "step", "totalSteps",
-                  "etaSeconds", "metrics", "message"):
+                  "etaSeconds", "metrics", "message", "tokensTrained", "samplesTrained", "restarts", "lastRestartTime"):
             if old.get(k) is not None:
                 entry[k] = old[k]
         child, deleted = children.get(name), False
@@ -135,6 +154,9 @@ def observe_stages(
             state, reason, message = pytorchjob.observe(child)
             start, end = pytorchjob.times(child)
             entry.update(state=state, jobName=name, message=f"{reason}: {message}" if message else reason)
+            for at in sorted(t for t in {(restarts or {}).get(name), restarted_at(child)} if t):
+                count_restart(entry, at)
+            entry.setdefault("restarts", 0)
             if start:
                 entry["startTime"] = start
             if end and state in TERMINAL:

@@ -39,6 +39,8 @@ CHART = REPO / "helm" / "kubetune"
 # Pods run on KWOK's fake nodes only if they tolerate the nodes' taint.
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 KSERVE = "github.com/kserve/kserve@v0.15.2"
+# The first KServe release whose module has the LLMInferenceService CRD (serving.kserve.io/v1alpha1).
+KSERVE_LLM = "github.com/kserve/kserve@v0.16.0"
 
 T = TypeVar("T")
 
@@ -78,6 +80,13 @@ def kserve_crd() -> Path:
     """KServe's InferenceService CRD, from KServe's Go module."""
     path = go_module_dir(KSERVE) / "config" / "crd" / "full" / "serving.kserve.io_inferenceservices.yaml"
     assert path.is_file(), f"{KSERVE} has no {path.name}"
+    return path
+
+
+def llm_inference_service_crd() -> Path:
+    """KServe's LLMInferenceService CRD, from KServe's Go module (KSERVE_LLM)."""
+    path = go_module_dir(KSERVE_LLM) / "config" / "crd" / "full" / "llmisvc" / "serving.kserve.io_llminferenceservices.yaml"
+    assert path.is_file(), f"{KSERVE_LLM} has no {path.name}"
     return path
 
 

@@ -39,6 +39,7 @@ CHILD_SELECTORS: dict[tuple[str, str, str], str] = {
     (pytorchjob_backend.GROUP, pytorchjob_backend.VERSION, pytorchjob_backend.PLURAL): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
     ("batch", "v1", "jobs"): f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_DATASET}",
     (kserve.GROUP, kserve.VERSION, kserve.PLURAL): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+    kserve.APIS["llmInferenceService"].resource: f"{LABEL_MANAGED_BY}={MANAGED_BY}",
 }
 
 

@@ -1,9 +1,10 @@
-"""ModelAdapter controller: serve a trained model through a KServe InferenceService.
+"""ModelAdapter controller: serve a trained model through a KServe InferenceService (or an
+LLMInferenceService, `spec.serving.api: llmInferenceService`).
 
 A merged model gets its own InferenceService; LoRA adapters on one base model share one
 (publish/kserve.py), which every adapter it serves owns, and which is re-rendered from the
 adapters left whenever one comes, changes or goes. Status mirrors the InferenceService's
-Ready condition and URL.
+Ready condition and URL. LLMInferenceServices go the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from kubetune.controllers.common import MODELADAPTERS, RUNTIME
 from kubetune.publish import kserve
 
 log = logging.getLogger("kubetune.operator")
-INFERENCESERVICES = (kserve.GROUP, kserve.VERSION, kserve.PLURAL)
+INFERENCESERVICES = kserve.APIS["inferenceService"].resource
+LLMINFERENCESERVICES = kserve.APIS["llmInferenceService"].resource
 RETRY_SECONDS = 60.0
 
 
@@ -36,8 +38,9 @@ def on_modeladapter(name: str, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.on.event(*INFERENCESERVICES, labels={LABEL_MANAGED_BY: MANAGED_BY})
+@kopf.on.event(*LLMINFERENCESERVICES, labels={LABEL_MANAGED_BY: MANAGED_BY})
 def on_inferenceservice(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    """The InferenceService changed: mirror its readiness into the adapters it serves."""
+    """The (LLM)InferenceService changed: mirror its readiness into the adapters it serves."""
     if not namespace:
         return
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
@@ -50,16 +53,16 @@ def on_modeladapter_deleted(name: str, namespace: str | None, body: kopf.Body, *
     """Take the adapter out of its shared InferenceService (or delete the service it had alone)."""
     namespace = namespace or ""
     adapter = _model(dict(body))
-    service = kserve.service_name(adapter)
-    with common.locked("InferenceService", namespace, service):
+    service, api = kserve.service_name(adapter), kserve.serving_api(adapter)
+    with common.locked(api.kind, namespace, service):
         others = [a for a in _members(namespace, adapter) if a[0].metadata.name != name]
         if others:
             _apply(namespace, service, others)
         else:
-            group, version, plural = INFERENCESERVICES
+            group, version, plural = api.resource
             try:
                 common.custom().delete_namespaced_custom_object(group, version, namespace, plural, service)
-                log.info("Deleted InferenceService name=%s namespace=%s", service, namespace)
+                log.info("Deleted %s name=%s namespace=%s", api.kind, service, namespace)
             except client.ApiException as e:
                 if e.status != 404:
                     raise
@@ -83,20 +86,21 @@ def _reconcile(body: dict[str, Any], apply: bool) -> None:
         _write(body, status, {"observedGeneration": generation, "conditions": set_condition(
             conditions, r.READY, "False", r.UNSUPPORTED_URI, unsupported, generation)})
         raise kopf.PermanentError(unsupported)
-    service = kserve.service_name(adapter)
+    service, api = kserve.service_name(adapter), kserve.serving_api(adapter)
     if apply:
-        with common.locked("InferenceService", namespace, service):
+        with common.locked(api.kind, namespace, service):
             try:
                 isvc = _apply(namespace, service, _members(namespace, adapter, body))
             except client.ApiException as e:
                 if e.status != 404:
                     raise
-                message = "The cluster has no serving.kserve.io/v1beta1 InferenceService API; install KServe."
+                needs = " (KServe 0.16 or later)" if api.kind == kserve.LLM_KIND else ""
+                message = f"The cluster has no {kserve.GROUP}/{api.version} {api.kind} API; install KServe{needs}."
                 _write(body, status, {"observedGeneration": generation, "conditions": set_condition(
                     conditions, r.READY, "False", r.KSERVE_MISSING, message, generation)})
                 raise kopf.TemporaryError(message, delay=RETRY_SECONDS) from None
     else:
-        isvc = common.get_custom(INFERENCESERVICES, namespace, service) or {}
+        isvc = common.get_custom(api.resource, namespace, service) or {}
     ready, message, url = kserve.observe(isvc)
     reason = r.INFERENCE_SERVICE_READY if ready else r.INFERENCE_SERVICE_NOT_READY
     new: dict[str, Any] = {
@@ -104,7 +108,7 @@ def _reconcile(body: dict[str, Any], apply: bool) -> None:
         "inferenceService": service,
         "modelName": kserve.served_name(adapter),
         "conditions": set_condition(conditions, r.READY, "True" if ready else "False", reason,
-                                    f"InferenceService {service}: {message}" if message else f"InferenceService {service}.",
+                                    f"{api.kind} {service}: {message}" if message else f"{api.kind} {service}.",
                                     generation),
     }
     if url:
@@ -126,24 +130,26 @@ def _members(namespace: str, adapter: ModelAdapter, body: dict[str, Any] | None 
             continue
         model = _model(other)
         if (kserve.is_shared(model) and model.spec.base_model_uri == adapter.spec.base_model_uri
-                and model.spec.serving.runtime == adapter.spec.serving.runtime):
+                and model.spec.serving.runtime == adapter.spec.serving.runtime
+                and model.spec.serving.api == adapter.spec.serving.api):
             out.append((model, other))
     return out
 
 
 def _apply(namespace: str, service: str, members: list[tuple[ModelAdapter, dict[str, Any]]]) -> dict[str, Any]:
-    """Create or update InferenceService `service` to serve `members`; the stored object."""
-    desired = kserve.render(service, namespace, [m for m, _ in members], RUNTIME.settings.storage_secret)
+    """Create or update (LLM)InferenceService `service` to serve `members`; the stored object."""
+    api = kserve.serving_api(members[0][0])
+    desired = kserve.render_for(service, namespace, [m for m, _ in members], RUNTIME.settings.storage_secret)
     shared = len(members) > 1 or kserve.is_shared(members[0][0])
     for _, owner in members:
         kopf.append_owner_reference(desired, owner=common.kopf_body(owner), controller=not shared, block_owner_deletion=False)
-    existing, created = common.create_custom(INFERENCESERVICES, namespace, desired)
+    existing, created = common.create_custom(api.resource, namespace, desired)
     if created:
         metrics.INFERENCESERVICES_APPLIED.labels("created").inc()
-        log.info("Created InferenceService name=%s namespace=%s adapters=%s", service, namespace,
+        log.info("Created %s name=%s namespace=%s adapters=%s", api.kind, service, namespace,
                  ",".join(m.metadata.name for m, _ in members))
         for _, owner in members:
-            common.event(owner, r.EVENT_CREATED, f"Created InferenceService {service}.")
+            common.event(owner, r.EVENT_CREATED, f"Created {api.kind} {service}.")
         return existing
     meta = existing["metadata"]
     if (existing.get("spec") == desired["spec"] and meta.get("ownerReferences") == desired["metadata"]["ownerReferences"]
@@ -152,11 +158,11 @@ def _apply(namespace: str, service: str, members: list[tuple[ModelAdapter, dict[
     existing["spec"] = desired["spec"]
     meta["ownerReferences"] = desired["metadata"]["ownerReferences"]
     meta["labels"] = {**(meta.get("labels") or {}), **desired["metadata"]["labels"]}
-    group, version, plural = INFERENCESERVICES
+    group, version, plural = api.resource
     stored = cast(dict[str, Any], common.custom().replace_namespaced_custom_object(
         group, version, namespace, plural, service, existing))
     metrics.INFERENCESERVICES_APPLIED.labels("updated").inc()
-    log.info("Updated InferenceService name=%s namespace=%s adapters=%s", service, namespace,
+    log.info("Updated %s name=%s namespace=%s adapters=%s", api.kind, service, namespace,
              ",".join(m.metadata.name for m, _ in members))
     return stored
 

@@ -1,4 +1,5 @@
-"""ModelAdapters as KServe InferenceServices (serving.kserve.io/v1beta1): huggingface + vLLM, or kubetune-serve.
+"""ModelAdapters as KServe InferenceServices (serving.kserve.io/v1beta1): huggingface + vLLM, or kubetune-serve;
+or as LLMInferenceServices (serving.kserve.io/v1alpha1, KServe's LLM stack).
 
 - A merged model (`mergedUri`) gets its own InferenceService, named after the ModelAdapter.
 - Adapters (`adapterUri`) on the same base model share one InferenceService (when
@@ -18,11 +19,21 @@ kubetune-serve takes KServe's `--model_name` and reads /mnt/models by default.
 Where adapters come from inside the serving pod: pvc:// is mounted read-only at
 /mnt/pvc/<claim>; s3:// is fetched by KServe's storage-initializer into /mnt/adapters/<name>;
 hf:// is a Hub id vLLM downloads itself. file:// is local only and refused.
+
+`serving.api: llmInferenceService` renders a KServe LLMInferenceService
+(serving.kserve.io/v1alpha1, KServe >= 0.16) instead, with the same names, labels and sharing:
+`spec.model` is the merged model, or the base model with the adapters as
+`spec.model.lora.adapters` ({name, uri}); KServe's LLM stack renders the vLLM pods from its
+LLMInferenceServiceConfig templates, and kubetune sets only the replicas and the GPUs of the
+`main` container. KServe 0.16 and 0.17 accept and store the adapters, but neither their
+controller nor their well-known vLLM template passes them to vLLM yet (`vllm serve /mnt/models`),
+so there it serves merged models; serving.api inferenceService serves LoRA adapters today.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.modeladapter import ModelAdapter
@@ -39,6 +50,32 @@ STORAGE_INITIALIZER = "kserve/storage-initializer:v0.15.2"
 ADAPTER_DIR = "/mnt/adapters"
 KUBETUNE_RUNTIME = "kubetune-serve"  # the ServingRuntime / ClusterServingRuntime of kubetune-serve
 KUBETUNE_FORMAT = "kubetune"  # the model format it declares
+LLM_VERSION, LLM_PLURAL, LLM_KIND = "v1alpha1", "llminferenceservices", "LLMInferenceService"
+LLM_CONTAINER = "main"  # the container of KServe's LLMInferenceServiceConfig templates that runs vLLM
+
+
+@dataclass(frozen=True)
+class ServingApi:
+    """A KServe API a ModelAdapter is served through (`spec.serving.api`)."""
+
+    kind: str
+    version: str
+    plural: str
+
+    @property
+    def resource(self) -> tuple[str, str, str]:
+        """(group, version, plural), as kopf and the custom objects API take it."""
+        return GROUP, self.version, self.plural
+
+
+APIS = {
+    "inferenceService": ServingApi(KIND, VERSION, PLURAL),
+    "llmInferenceService": ServingApi(LLM_KIND, LLM_VERSION, LLM_PLURAL),
+}
+
+
+def serving_api(adapter: ModelAdapter) -> ServingApi:
+    return APIS[adapter.spec.serving.api]
 
 
 def served_name(adapter: ModelAdapter) -> str:
@@ -55,12 +92,12 @@ def base_key(base_uri: str) -> str:
 
 
 def service_name(adapter: ModelAdapter) -> str:
-    """The InferenceService that serves `adapter`: its own, or its base model's shared one."""
+    """The (LLM)InferenceService that serves `adapter`: its own, or its base model's shared one."""
     if is_shared(adapter):
         base = adapter.spec.base_model_uri or ""
         slug = re.sub(r"[^a-z0-9]+", "-", base.split("://", 1)[-1].lower()).strip("-")[-30:].strip("-") or "base"
-        runtime = adapter.spec.serving.runtime
-        key = base if runtime == "vllm" else f"{base}#{runtime}"  # one shared server per base and runtime
+        serving = adapter.spec.serving  # one shared server per base, runtime and API
+        key = base + "".join(f"#{v}" for v in (serving.runtime, serving.api) if v not in ("vllm", "inferenceService"))
         return child_name(f"{slug}-{short_hash(key, 6)}", max_length=MAX_NAME)
     return child_name(adapter.metadata.name, max_length=MAX_NAME)
 
@@ -140,7 +177,7 @@ def render(name: str, namespace: str, adapters: list[ModelAdapter], storage_secr
             predictor["volumes"] = volumes
             model["volumeMounts"] = mounts
     if gpus:
-        model["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
+        model["resources"] = _gpu_resources(gpus)
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -149,12 +186,50 @@ def render(name: str, namespace: str, adapters: list[ModelAdapter], storage_secr
     }
 
 
+def render_llm(name: str, namespace: str, adapters: list[ModelAdapter]) -> dict[str, Any]:
+    """The LLMInferenceService `name` serving `adapters`: one merged model, or LoRA adapters on one
+    base as `spec.model.lora.adapters`. Owner references are the caller's; the replicas and GPUs
+    are the largest among the adapters, as for an InferenceService."""
+    adapters = sorted(adapters, key=lambda a: a.metadata.name)
+    first = adapters[0]
+    labels = {LABEL_MANAGED_BY: MANAGED_BY}
+    if first.spec.merged_uri is not None:
+        labels[LABEL_ADAPTER] = first.metadata.name
+        model: dict[str, Any] = {"uri": first.spec.merged_uri, "name": served_name(first)}
+    else:
+        base = first.spec.base_model_uri or ""
+        labels[LABEL_BASE_MODEL] = base_key(base)
+        model = {"uri": base, "name": name, "lora": {"adapters": [
+            {"name": served_name(a), "uri": a.spec.adapter_uri} for a in adapters]}}
+    spec: dict[str, Any] = {"model": model, "replicas": max(a.spec.serving.replicas for a in adapters)}
+    gpus = max(a.spec.serving.gpus for a in adapters)
+    if gpus:
+        spec["template"] = {"containers": [{"name": LLM_CONTAINER, "resources": _gpu_resources(gpus)}]}
+    return {
+        "apiVersion": f"{GROUP}/{LLM_VERSION}",
+        "kind": LLM_KIND,
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": spec,
+    }
+
+
+def render_for(name: str, namespace: str, adapters: list[ModelAdapter], storage_secret: str | None = None) -> dict[str, Any]:
+    """The object of the adapters' `serving.api` (they share one) named `name` that serves them."""
+    if adapters[0].spec.serving.api == "llmInferenceService":
+        return render_llm(name, namespace, adapters)
+    return render(name, namespace, adapters, storage_secret)
+
+
+def _gpu_resources(gpus: int) -> dict[str, Any]:
+    return {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
+
+
 def observe(isvc: dict[str, Any]) -> tuple[bool, str, str | None]:
-    """(ready, message, url) of an InferenceService from its Ready condition."""
+    """(ready, message, url) of an InferenceService or LLMInferenceService from its Ready condition."""
     status = isvc.get("status") or {}
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
     url = status.get("url")
     if ready is None:
-        return False, "The InferenceService has no Ready condition yet.", url
+        return False, f"The {isvc.get('kind') or KIND} has no Ready condition yet.", url
     message = str(ready.get("message") or ready.get("reason") or "")
     return ready.get("status") == "True", message, url

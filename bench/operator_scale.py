@@ -45,6 +45,8 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
+from e2e.accounts import service_account_kubeconfig
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "e2e" / "cluster"
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
@@ -351,18 +353,7 @@ def operator_kubeconfig(api: client.ApiClient, kubectl: Path, admin: Path, work:
     ]
     subprocess.run([str(kubectl), "--kubeconfig", str(admin), "apply", "-f", "-"], input=yaml.safe_dump_all(docs),
                    text=True, check=True, stdout=subprocess.DEVNULL)
-    token = client.CoreV1Api(api).create_namespaced_service_account_token(
-        "kubetune", "kubetune-bench-system", client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600))).status.token
-    path = work / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-        "clusters": [{"name": "bench", "cluster": {"server": api.configuration.host,
-                                                    "certificate-authority": api.configuration.ssl_ca_cert}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "bench", "user": "operator"}}],
-    }))
-    return path
+    return service_account_kubeconfig(api, "kubetune-bench-system", "kubetune", work / "operator.kubeconfig")
 
 
 @contextlib.contextmanager

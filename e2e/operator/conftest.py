@@ -44,6 +44,7 @@ import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
+from e2e.accounts import service_account_kubeconfig
 from e2e.conftest import (
     CHART, KWOK_TOLERATION, REPO, Cluster, free_port, fresh_namespace, healthy, kserve_crd, wait_for,
 )
@@ -103,19 +104,7 @@ def operator_kubeconfig(cluster: Cluster, admin_api: client.ApiClient, operator_
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
                                                               "metadata": {"name": OPERATOR_NAMESPACE}}))
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-    token = client.CoreV1Api(admin_api).create_namespaced_service_account_token(
-        account, OPERATOR_NAMESPACE, client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=6 * 3600))).status.token
-    path = work / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
-        "clusters": [{"name": "e2e", "cluster": {"server": admin_api.configuration.host,
-                                                  "certificate-authority": admin_api.configuration.ssl_ca_cert}}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "e2e", "user": "operator"}}],
-    }))
-    path.chmod(0o600)
-    return path
+    return service_account_kubeconfig(admin_api, OPERATOR_NAMESPACE, account, work / "kubeconfig")
 
 
 @dataclass

@@ -247,6 +247,7 @@ def save(trainer: Any, run: StageRun, ctx: Context, processing_class: Any,
         trainer.save_model(str(ctx.out))  # every rank: DeepSpeed ZeRO-3 gathers the shards
     if ctx.is_main:
         processing_class.save_pretrained(str(ctx.out))
+        models.stop_at_end_of_turn(ctx.out, processing_class)
         if run.merge and registry.tuning_method(run.tuning.method).mergeable:
             models.merge_adapter(run, ctx.out, processing_class, base_loader)
     barrier()

@@ -168,6 +168,19 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+def stop_at_end_of_turn(folder: Path, tokenizer: Any) -> None:
+    """Make the generation config saved in `folder` end an answer at every end_of_turn_ids token, not at eos
+    alone: servers that read it (vLLM; transformers' generate) stop a chat reply at <|im_end|>, as the
+    trainer's evaluation and kubetune-serve do. Only for a ChatML tokenizer and a folder with a config."""
+    path = folder / "generation_config.json"
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if not path.exists() or IM_END not in vocab:
+        return
+    config = json.loads(path.read_text())
+    config["eos_token_id"] = end_of_turn_ids(tokenizer)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # --- models -------------------------------------------------------------------------------
 
 
@@ -516,6 +529,7 @@ def merge_adapter(run: StageRun, out: Path, processing_class: Any, base_loader: 
     target = out / "merged"
     merged.save_pretrained(str(target))
     processing_class.save_pretrained(str(target))
+    stop_at_end_of_turn(target, processing_class)
     log.info("Wrote merged model path=%s", target)
     return target
 

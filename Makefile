@@ -37,8 +37,11 @@ check: setup
 	$(VENV)/bin/kubetune validate examples/*.yaml
 	$(PY) -m mypy
 
+# The unit tests on UNIT_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py groups them).
+UNIT_WORKERS ?= 2
+
 unit: setup tools
-	$(PYTEST) tests
+	$(PYTEST) -n $(UNIT_WORKERS) --dist loadgroup tests
 
 e2e: setup tools
 	$(PYTEST) e2e

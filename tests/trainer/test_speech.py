@@ -5,8 +5,7 @@ held-out speakers (WER from 1.0 to at most 0.3), LoRA continues it, and transfor
 what it wrote; bad audio and clips longer than the model's window stop a stage before training; asr and
 audioPretrain on 2 processes match 1.
 
-The CTC proofs at full length (held-out WER after pretraining, and from scratch) are
-examples/speech-tiny.yaml's; the CTC runs here are a few dozen steps."""
+The CTC runs here are a few dozen steps; test_speech_ctc.py has the full-length one after pretraining."""
 
 from __future__ import annotations
 

@@ -116,6 +116,15 @@ def test_a_merged_model_gets_its_own_vllm_inferenceservice() -> None:
     assert model["resources"]["limits"] == {"nvidia.com/gpu": "2"}
 
 
+def test_a_lora_rank_vllm_does_not_take_is_rendered_as_the_next_it_does() -> None:
+    """vLLM refuses to start with --max-lora-rank 12 (it takes 1, 8, 16, 32, 64, ...): 12 is served as 16."""
+    a = adapter("support", baseModelUri="hf://meta-llama/Llama-3.2-1B", adapterUri="pvc://models/support/sft",
+                serving={"maxLoraRank": 12})
+    args = kserve.render(kserve.service_name(a), "ns", [a])["spec"]["predictor"]["model"]["args"]
+    assert "--max-lora-rank=16" in args
+    assert [kserve.vllm_lora_rank(r) for r in (1, 2, 8, 9, 64, 300, 512, 1024)] == [1, 8, 8, 16, 64, 320, 512, 1024]
+
+
 def test_adapters_on_one_base_share_one_server_as_lora_modules() -> None:
     base = "hf://meta-llama/Llama-3.2-1B"
     a = adapter("support", baseModelUri=base, adapterUri="pvc://models/support/sft", serving={"maxLoraRank": 16})

@@ -40,7 +40,7 @@ class Serving(KubeModel, json_schema_extra=rules(
         default=True, description="Serve this adapter from the InferenceService (or LLMInferenceService) of its base model with the "
                                    "other adapters."
     )
-    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest LoRA rank the shared vLLM server accepts (InferenceService only).")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest LoRA rank the shared vLLM server accepts (InferenceService only; rendered as the next value vLLM takes: 1, 8, 16, 32, 64, 128, 256, 320 or 512).")
 
 
 class ModelAdapterSpec(KubeModel, json_schema_extra=rules(

@@ -159,7 +159,7 @@ def render(name: str, namespace: str, adapters: list[ModelAdapter], storage_secr
             modules.append(f"{served_name(a)}={path}")
             if init:
                 inits.append(init)
-        rank = max(a.spec.serving.max_lora_rank for a in adapters)
+        rank = vllm_lora_rank(max(a.spec.serving.max_lora_rank for a in adapters))
         model["args"] = [f"--model_name={name}", *(f"--adapter={m}" for m in modules)] if kubetune else [
             f"--model_name={name}", "--backend=vllm", "--enable-lora", f"--max-lora-rank={rank}",
             f"--max-loras={len(modules)}", "--lora-modules", *modules,
@@ -233,3 +233,13 @@ def observe(isvc: dict[str, Any]) -> tuple[bool, str, str | None]:
         return False, f"The {isvc.get('kind') or KIND} has no Ready condition yet.", url
     message = str(ready.get("message") or ready.get("reason") or "")
     return ready.get("status") == "True", message, url
+
+
+# --max-lora-rank values vLLM accepts (0.32: its argument's choices); a rank between them is served by the next.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds adapters of `rank` (vLLM refuses to start with
+    another value); ranks above 512 stay as they are, and vLLM says so when it starts."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)

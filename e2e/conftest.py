@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -43,6 +44,8 @@ KSERVE = "github.com/kserve/kserve@v0.15.2"
 KSERVE_LLM = "github.com/kserve/kserve@v0.16.0"
 
 T = TypeVar("T")
+# Control-plane processes this session started again (Cluster.restart).
+_RESTARTED: list[subprocess.Popen[bytes]] = []
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60, interval: float = 0.5) -> T:
@@ -122,6 +125,25 @@ class Cluster:
             timeout=timeout,
         )
 
+    def restart(self, component: str, down_seconds: float = 0.0, timeout: float = 120) -> None:
+        """Kill one of the control plane's processes (`etcd`, `kube-apiserver`, ...) with SIGKILL,
+        as a crash or an evicted static pod would end it, leave it down `down_seconds`, start it
+        again with the same command line (appending to its log; etcd keeps its data folder) and
+        wait until the API server is ready again."""
+        pid_file = self.state_dir / "pids" / f"{component}.pid"
+        pid = int(pid_file.read_text())
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(f"{component} to die", lambda: _gone(pid), timeout=30)
+        time.sleep(down_seconds)  # the outage itself
+        with (self.state_dir / "logs" / f"{component}.log").open("ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        _RESTARTED.append(proc)  # e2e/cluster/down stops it by its pid file
+        pid_file.write_text(f"{proc.pid}\n")
+        wait_for(f"the API server ready after {component} restarted", lambda: self.kubectl(
+            "get", "--raw=/readyz", check=False, timeout=10).returncode == 0, timeout=timeout)
+
     def admin_client(self) -> client.ApiClient:
         """A Python client authenticated with the admin's client certificate (system:masters)."""
         api: client.ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
@@ -156,6 +178,14 @@ def _script(name: str, *args: str, capture: bool = False, env: dict[str, str] | 
     if proc.returncode != 0:
         pytest.fail(f"e2e/cluster/{name} {' '.join(args)} exited {proc.returncode} (see its output above)")
     return proc.stdout or ""
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
 
 
 # The ports e2e/cluster/up listens on, each set by KUBETUNE_<name>.

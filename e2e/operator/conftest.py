@@ -48,6 +48,7 @@ from e2e.accounts import service_account_kubeconfig
 from e2e.conftest import (
     CHART, KWOK_TOLERATION, REPO, Cluster, free_port, fresh_namespace, healthy, kserve_crd, wait_for,
 )
+from kubetune.controllers import modeladapter
 
 VENV_BIN = Path(sys.executable).parent
 FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
@@ -291,6 +292,23 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
         if c["type"] == ctype:
             return dict(c)
     return {}
+
+
+def mark_ready(api: client.ApiClient, resource: tuple[str, str, str], namespace: str, name: str) -> dict[str, Any]:
+    """Write the status KServe's controller writes once the (LLM)InferenceService `name` serves (no
+    KServe controller runs here) and wait for the ModelAdapter of that name to mirror it, through
+    the service's watch event or the adapter's resync timer (RESYNC_SECONDS) when the watch missed
+    it. Returns the Ready adapter."""
+    url = f"http://{name}.{namespace}.example.com"
+    client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+        *resource[:2], namespace, resource[2], name,
+        {"status": {"url": url, "conditions": [{"type": "Ready", "status": "True",
+                                                "lastTransitionTime": "2025-01-01T00:00:00Z"}]}})
+    adapter = wait_for("the adapter to be Ready", lambda: (a := get(api, ADAPTERS, namespace, name))
+                       and condition(a, "Ready").get("status") == "True" and a,
+                       timeout=modeladapter.RESYNC_SECONDS * 2 + 30)
+    assert adapter["status"]["url"] == url
+    return adapter
 
 
 def events(api: client.ApiClient, namespace: str, name: str, kind: str = "FineTuneJob") -> list[client.CoreV1Event]:

@@ -17,7 +17,7 @@ import yaml
 from kubernetes import client
 
 from e2e.conftest import Cluster, llm_inference_service_crd, wait_for
-from e2e.operator.conftest import ADAPTERS, Operator, apply, condition, get
+from e2e.operator.conftest import ADAPTERS, Operator, apply, condition, get, mark_ready
 from kubetune.api.modeladapter import ModelAdapter
 from kubetune.publish import kserve
 
@@ -79,16 +79,8 @@ def test_the_operator_serves_a_model_adapter_through_an_llminferenceservice(
     wait_for("the adapter's status", lambda: (a := get(admin_api, ADAPTERS, namespace, "llm-bot"))
              and condition(a, "Ready").get("reason") == "InferenceServiceNotReady" and a, timeout=30)
 
-    # what KServe's controller would write once the workload is up
-    url = f"http://llm-bot.{namespace}.example.com"
-    client.CustomObjectsApi(admin_api).patch_namespaced_custom_object_status(
-        *LLMISVC[:2], namespace, LLMISVC[2], "llm-bot",
-        {"status": {"url": url, "conditions": [{"type": "Ready", "status": "True",
-                                                "lastTransitionTime": "2025-01-01T00:00:00Z"}]}})
-
-    ready = wait_for("the adapter to be Ready", lambda: (a := get(admin_api, ADAPTERS, namespace, "llm-bot"))
-                     and condition(a, "Ready").get("status") == "True" and a, timeout=60)
-    assert ready["status"]["url"] == url and ready["status"]["inferenceService"] == "llm-bot"
+    ready = mark_ready(admin_api, LLMISVC, namespace, "llm-bot")
+    assert ready["status"]["inferenceService"] == "llm-bot"
     assert condition(ready, "Ready")["message"].startswith("LLMInferenceService llm-bot")
 
     proc = cluster.kubectl("apply", "-n", namespace, "-f", "-", check=False, input=yaml.safe_dump(

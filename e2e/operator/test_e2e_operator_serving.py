@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes import client
 
 from e2e.conftest import Cluster, wait_for
-from e2e.operator.conftest import ADAPTERS, ISVC, Operator, apply, condition, get, items
+from e2e.operator.conftest import ADAPTERS, ISVC, Operator, apply, condition, get, items, mark_ready
 
 BASE = "hf://Qwen/Qwen2.5-0.5B"
 
@@ -38,16 +38,7 @@ def test_a_merged_model_is_served_by_its_own_inferenceservice_and_mirrors_its_re
                        and condition(a, "Ready").get("reason") == "InferenceServiceNotReady" and a, timeout=30)
     assert (adapter["status"]["inferenceService"], adapter["status"]["modelName"]) == ("bot", "support-bot")
 
-    # what KServe's controller would write once the predictor is up
-    url = f"http://bot.{namespace}.example.com"
-    client.CustomObjectsApi(admin_api).patch_namespaced_custom_object_status(
-        *ISVC[:2], namespace, ISVC[2], "bot",
-        {"status": {"url": url, "conditions": [{"type": "Ready", "status": "True",
-                                                "lastTransitionTime": "2025-01-01T00:00:00Z"}]}})
-
-    adapter = wait_for("the adapter to be Ready", lambda: (a := get(admin_api, ADAPTERS, namespace, "bot"))
-                       and condition(a, "Ready").get("status") == "True" and a, timeout=30)
-    assert adapter["status"]["url"] == url
+    adapter = mark_ready(admin_api, ISVC, namespace, "bot")
     assert condition(adapter, "Ready")["reason"] == "InferenceServiceReady"
 
 

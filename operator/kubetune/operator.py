@@ -13,8 +13,10 @@ restarted replica recognise its own old record.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,10 +67,22 @@ class OperatorOptions:
 OPTIONS = OperatorOptions()
 
 
+class RetryForever:
+    """kopf's backoffs between retries of a failed API request, without end: 1, 1, 2, 3, 5, 8, 13,
+    then every 20 s. kopf's default gives up after 8 retries (54 s); a watch or the peering
+    keep-alive that gives up stays dead while the process lives on, so an API server that is away
+    a minute (a restart on a busy control plane, an upgrade, an etcd restore) left the operator
+    deaf for good. client-go's reflectors retry forever too (their backoff is capped at 30 s).
+    A class, not a generator: kopf iterates it anew for every request."""
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1, 1, 2, 3, 5, 8, 13), itertools.repeat(20.0))
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """kopf's own settings: our finalizer and annotation prefix, Events, peering lifetime, request
-    timeouts, the children's server-side label selectors, the size of the handlers' thread pool."""
+    timeouts and retries, the children's server-side label selectors, the size of the handlers' thread pool."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -82,6 +96,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = min(60.0, max(OPTIONS.api_timeout, 10.0))
     settings.networking.connect_timeout = 10
+    settings.networking.error_backoffs = RetryForever()
     for resource, selector in CHILD_SELECTORS.items():
         settings.watching.label_selectors[resource] = selector
     # A bounded pool: reconciles run in these threads; more objects wait their turn in kopf's queues.

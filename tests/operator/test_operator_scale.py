@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import itertools
 import logging
 import socket
 import threading
@@ -294,3 +295,12 @@ def test_the_rate_limit_lets_a_burst_through_then_spreads_the_rest(monkeypatch: 
     assert waits[:5] == [0.0] * 5
     assert clock[0] - 100.0 == pytest.approx(10 / 100)  # ten over the burst, at 100 a second
     assert apiclient.TokenBucket(qps=0, burst=1).take() == 0.0
+
+
+def test_kopf_retries_a_failed_api_request_without_end_and_each_request_from_the_start() -> None:
+    backoffs = configured().networking.error_backoffs
+    assert not hasattr(backoffs, "__len__")  # kopf counts the attempts of a sized one and gives up after them
+    first = list(itertools.islice(iter(backoffs), 100))
+    assert first[:7] == [1, 1, 2, 3, 5, 8, 13] and set(first[7:]) == {20.0}
+    assert sum(first[:8]) < 60 < sum(first)  # an API server away a minute is waited for
+    assert list(itertools.islice(iter(backoffs), 3)) == [1, 1, 2]  # a new request starts over

@@ -16,6 +16,7 @@ the API server serves them, and then their events never come.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
@@ -55,7 +56,7 @@ def on_inferenceservice(body: kopf.Body, namespace: str | None, **_: Any) -> Non
             common.quietly(lambda: reconcile(namespace, ref["name"], apply=False))
 
 
-def _waiting_for_service(status: dict[str, Any], **_: Any) -> bool:
+def _waiting_for_service(status: Mapping[str, Any], **_: Any) -> bool:
     """The service exists and is not Ready yet (other reasons have their own retries)."""
     ready = find_condition(status.get("conditions"), r.READY)
     return ready is not None and ready.get("reason") == r.INFERENCE_SERVICE_NOT_READY

@@ -177,3 +177,16 @@ def test_trainer_gauges_become_stage_progress() -> None:
 
 def test_an_unreachable_trainer_is_no_progress_not_an_error() -> None:
     assert trainer_metrics.scrape("127.0.0.1", 9, timeout=0.5) is None
+
+
+def test_a_tokenizer_uri_is_passed_to_the_validator_and_its_claim_mounted_read_only() -> None:
+    settings = BackendSettings(trainer_image="trainer:test")
+
+    job = validation.render(dataset(tokenizerUri="pvc://models/base"), settings)
+
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert "--tokenizer=pvc://models/base" in c["command"]
+    mounts = {m["mountPath"]: m.get("readOnly") for m in c["volumeMounts"]}
+    assert mounts["/mnt/pvc/models"] is True and mounts["/mnt/pvc/data"] is True
+    s3 = validation.render(dataset(tokenizerUri="s3://bucket/base"), settings)["spec"]["template"]["spec"]
+    assert s3["containers"][0]["envFrom"] == [{"secretRef": {"name": settings.storage_secret, "optional": True}}]

@@ -42,6 +42,12 @@ class PreferenceDatasetSpec(KubeModel, json_schema_extra=rules(
         default=None, description="Rename columns to the schema's names, e.g. {prompt: question, chosen: good}."
     )
     split: Split = Field(default_factory=lambda: Split(), description="The held-out split.")
+    tokenizer_uri: str | None = Field(
+        default=None, pattern=URI_PATTERN, max_length=2048,
+        description=("A model or tokenizer folder (file://, pvc://, s3:// or hf://, usually the model the stages train) "
+                     "whose tokenizer measures the rows: status.tokenStats gets the mean and max length in tokens of "
+                     "each field. Without it, no tokenStats."),
+    )
 
 
 class RowError(KubeModel):
@@ -60,7 +66,9 @@ class PreferenceDatasetStatus(KubeModel):
     train_rows: int | None = Field(default=None, description="Rows in the training split.")
     validation_rows: int | None = Field(default=None, description="Rows in the held-out split.")
     checksum: str | None = Field(default=None, description="sha256 of the source bytes.")
-    token_stats: dict[str, float] | None = Field(default=None, description="Mean and max lengths of each field in tokens.")
+    token_stats: dict[str, float] | None = Field(default=None, description=(
+        "Mean and max length in tokens of each field of the valid rows, by spec.tokenizerUri's tokenizer "
+        "(promptMean, promptMax, chosenMean, ...)."))
     errors: list[RowError] | None = Field(default=None, description="The first bad rows, with their line numbers.")
 
 

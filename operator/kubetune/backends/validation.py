@@ -53,9 +53,10 @@ def job_name(dataset: PreferenceDataset) -> str:
 def command(dataset: PreferenceDataset) -> list[str]:
     spec = dataset.spec
     columns = [f"--columns={k}={v}" for k, v in sorted((spec.columns or {}).items())]
+    tokenizer = [f"--tokenizer={spec.tokenizer_uri}"] if spec.tokenizer_uri else []
     return [
         "python", "-m", "kubetune.backends.validation", "--report", TERMINATION_LOG, "--",
-        "kubetune-train", "validate", "--format", FORMAT_BY_SCHEMA[spec.schema_], *columns,
+        "kubetune-train", "validate", "--format", FORMAT_BY_SCHEMA[spec.schema_], *columns, *tokenizer,
         "--max-errors", str(MAX_ERRORS), "--json", spec.source.uri,
     ]
 
@@ -64,8 +65,8 @@ def render(dataset: PreferenceDataset, settings: BackendSettings) -> dict[str, A
     """The batch/v1 Job that validates `dataset` (owner references are the caller's)."""
     labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DATASET: label_value(dataset.metadata.name)}
     pod_sc, container_sc = security_contexts(settings)
-    claim = pvc_claim(dataset.spec.source.uri)
-    volumes, mounts = pvc_volumes({claim: True} if claim else {})
+    uris = [u for u in (dataset.spec.source.uri, dataset.spec.tokenizer_uri) if u]
+    volumes, mounts = pvc_volumes({claim: True for u in uris if (claim := pvc_claim(u))})  # read-only
     scratch_volumes, scratch_mounts, scratch_env = scratch_space()
     volumes += scratch_volumes
     mounts += scratch_mounts
@@ -81,7 +82,7 @@ def render(dataset: PreferenceDataset, settings: BackendSettings) -> dict[str, A
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
         "volumeMounts": mounts,
     }
-    if dataset.spec.source.uri.startswith("s3://"):
+    if any(u.startswith("s3://") for u in uris):
         container["envFrom"] = [{"secretRef": {"name": settings.storage_secret, "optional": True}}]
     if container_sc:
         container["securityContext"] = container_sc

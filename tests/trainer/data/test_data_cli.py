@@ -49,3 +49,41 @@ def test_unreadable_source_or_bad_arguments_exit_two(tmp_path: Path, capsys: pyt
     with pytest.raises(SystemExit) as exit_:
         validate_main(["--format", "chat", "x.jsonl"])
     assert exit_.value.code == 2
+
+
+def word_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer saved as a model folder would hold it (tokenizer.json and its config)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "Capital of France? Paris Lyon the capital is".split()
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_measures_each_field_of_the_valid_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = word_tokenizer(tmp_path / "model")
+    long = {"question": "Capital of France?", "chosen": "the capital is Paris", "rejected": "Lyon"}
+    path = write(tmp_path, GOOD, long, dict(GOOD, rejected="Paris"))  # the third row is bad: not measured
+
+    assert validate_main(["--format", "preference", "--columns", "prompt=question", "--json",
+                          "--tokenizer", f"file://{tokenizer}", path]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokenStats"] == {"promptMean": 3.0, "promptMax": 3.0, "chosenMean": 2.5, "chosenMax": 4.0,
+                                    "rejectedMean": 1.0, "rejectedMax": 1.0}
+
+    assert validate_main(["--format", "preference", "--columns", "prompt=question", "--tokenizer", str(tokenizer),
+                          write(tmp_path, GOOD, long)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "tokens: promptMean 3, promptMax 3, chosenMean 2.5, chosenMax 4, rejectedMean 1, rejectedMax 1")
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_named_before_the_data_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "empty").mkdir()
+    assert validate_main(["--format", "preference", "--tokenizer", str(tmp_path / "empty"), str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --tokenizer {tmp_path / 'empty'}: no tokenizer could be loaded from it"), err

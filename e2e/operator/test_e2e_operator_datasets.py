@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest e2e/operator/test_e2e_operator_datasets.py
 
 The validation Job's pod is held Running by KWOK; `Kubelet` (conftest) runs its container
-command here, with the pod's environment and the `data` claim mapped to a local folder, and
+command here, with the pod's environment and its claims mapped to local folders, and
 writes the exit code and termination message into the pod's status, as the kubelet would.
 """
 
@@ -44,10 +44,21 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def preference_dataset(name: str, uri: str) -> dict[str, Any]:
+def preference_dataset(name: str, uri: str, **spec: Any) -> dict[str, Any]:
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "PreferenceDataset",
             "metadata": {"name": name, "annotations": pod_annotations(HOLD)},
-            "spec": {"source": {"uri": uri}, "schema": "paired", "split": {"validationFraction": 0.2}}}
+            "spec": {"source": {"uri": uri}, "schema": "paired", "split": {"validationFraction": 0.2}, **spec}}
+
+
+def word_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer (one token per word of ROWS) saved as a model folder holds it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for r in ROWS for text in r.values() for w in text.split()})
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(folder)
 
 
 def dpo_job(name: str, dataset: str) -> dict[str, Any]:
@@ -102,7 +113,9 @@ def test_a_good_dataset_becomes_ready_and_the_job_reading_it_is_given_it(
     e2e/operator/test_e2e_operator_execute.py is where rendered pods train for real.)"""
     ns = workspace.namespace
     checksum = write_rows(workspace.pvc_root / "data" / "good.jsonl", ROWS)
-    apply(cluster, preference_dataset("good", "pvc://data/good.jsonl"), dpo_job("reads-good", "good"), namespace=ns)
+    word_tokenizer(workspace.pvc_root / "models" / "words")
+    apply(cluster, preference_dataset("good", "pvc://data/good.jsonl", tokenizerUri="pvc://models/words"),
+          dpo_job("reads-good", "good"), namespace=ns)
 
     assert run_validation_pod(admin_api, kubelet, ns, "good") == 0
 
@@ -111,6 +124,9 @@ def test_a_good_dataset_becomes_ready_and_the_job_reading_it_is_given_it(
     status = ds["status"]
     assert (status["rows"], status["validRows"], status["trainRows"], status["validationRows"]) == (10, 10, 8, 2)
     assert status["checksum"] == checksum and status["errors"] == []
+    # "a b c reversed:" is 4 words, "c b a" and "a b c" 3: one token each
+    assert status["tokenStats"] == {"promptMean": 4.0, "promptMax": 4.0, "chosenMean": 3.0, "chosenMax": 3.0,
+                                    "rejectedMean": 3.0, "rejectedMax": 3.0}
     assert condition(ds, "Ready")["reason"] == "Valid"
     cluster.kubectl("wait", "--for=condition=Succeeded", "-n", ns, "ftj/reads-good", "--timeout=90s", timeout=120)
     run = json.loads(client.CoreV1Api(admin_api).read_namespaced_config_map("reads-good-dpo", ns).data["stagerun.json"])

@@ -34,12 +34,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +51,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from serving_helpers import free_port  # noqa: E402
+from serving_helpers import Process  # noqa: E402
 from trainer_helpers import Trainer, report  # noqa: E402
 
 torch.set_num_threads(1)
@@ -172,44 +170,6 @@ def on_this_machine(model: dict[str, Any], trained: dict[str, Any]) -> tuple[Pat
     return folder, name, args
 
 
-class Process:
-    """`cmd(port)` on a free port, in a session of its own (vLLM starts its engine in a child), stopped as a whole."""
-
-    def __init__(self, cmd: Callable[[int], list[str]], env: dict[str, str], log: Path, ready: str) -> None:
-        port = free_port()
-        self.log = log
-        self.ready = ready
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd(port), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-
-    def wait_ready(self) -> float:
-        """Seconds from the start until `ready` answers 200."""
-        while time.monotonic() - self.started < READY_SECONDS:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.proc.args[0]} exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if self.http.get(self.ready).status_code == 200:
-                    return time.monotonic() - self.started
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise AssertionError(f"not ready after {READY_SECONDS}s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        self.http.close()
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=wait)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
 @pytest.fixture(scope="module")
 def servers(vllm_venv: Path, trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("logs")
@@ -219,15 +179,16 @@ def servers(vllm_venv: Path, trained: dict[str, Any], tmp_path_factory: pytest.T
     folder, name, args = on_this_machine(model, trained)
     vllm = Process(lambda port: [str(vllm_venv / "bin" / "vllm"), "serve", str(folder), "--served-model-name", name,
                                  *args, *CPU_ONLY_FLAGS, "--host", "127.0.0.1", "--port", str(port)],
-                   {**env, **CPU_ONLY_ENV}, logs / "vllm.log", "/v1/models")
+                   env={**env, **CPU_ONLY_ENV}, log=logs / "vllm.log", ready="/v1/models", http_timeout=300)
     # kubetune-serve, from the ModelAdapter rendered for runtime kubetune, answers the same prompts to compare
     k_folder, k_name, k_args = on_this_machine(rendered("kubetune", trained), trained)
     kserve = Process(lambda port: [sys.executable, "-m", "kubetune_serve.server", "--model_dir", str(k_folder),
                                    "--model_name", k_name, *k_args, "--http_port", str(port), "--enable_grpc", "false"],
-                     {**env, "OMP_NUM_THREADS": "1"}, logs / "kubetune-serve.log", "/v2/health/ready")
+                     env={**env, "OMP_NUM_THREADS": "1"}, log=logs / "kubetune-serve.log", ready="/v2/health/ready",
+                     http_timeout=300)
     try:
-        ready = vllm.wait_ready()
-        kserve.wait_ready()
+        ready = vllm.wait_ready(READY_SECONDS)
+        kserve.wait_ready(READY_SECONDS)
         print(f"\nvllm serve ready in {ready:.0f}s: {vllm.proc.args}")
         yield {"vllm": vllm, "kubetune": kserve, "base": name, "rendered": model}
     finally:

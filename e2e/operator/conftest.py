@@ -311,6 +311,20 @@ def mark_ready(api: client.ApiClient, resource: tuple[str, str, str], namespace:
     return adapter
 
 
+def running_pod(core: client.CoreV1Api, ns: str, name: str, not_uid: str | None = None) -> str:
+    """Wait for pod `name` to run (a replacement: with another uid than `not_uid`); its uid."""
+    def probe() -> str | None:
+        try:
+            pod = core.read_namespaced_pod(name, ns)
+        except client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        ok = pod.status.phase == "Running" and pod.metadata.uid != not_uid and not pod.metadata.deletion_timestamp
+        return str(pod.metadata.uid) if ok else None
+    return wait_for(f"pod {name} to run" + (" again" if not_uid else ""), probe, timeout=120, interval=0.2)
+
+
 def events(api: client.ApiClient, namespace: str, name: str, kind: str = "FineTuneJob") -> list[client.CoreV1Event]:
     out = client.CoreV1Api(api).list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name},involvedObject.kind={kind}").items

@@ -39,6 +39,7 @@ from e2e.operator.conftest import (
     finetunejob,
     get,
     pod_annotations,
+    running_pod,
     stage,
 )
 
@@ -53,17 +54,6 @@ STAGES = [
 
 def pytorchjob(api: client.ApiClient, ns: str, job: str, name: str) -> dict[str, Any]:
     return wait_for(f"PyTorchJob {job}-{name}", lambda: get(api, PYTORCHJOBS, ns, f"{job}-{name}"), timeout=120)
-
-
-def pod_running(core: client.CoreV1Api, ns: str, pod: str) -> None:
-    def probe() -> bool:
-        try:
-            return bool(core.read_namespaced_pod(pod, ns).status.phase == "Running")
-        except client.ApiException as e:
-            if e.status == 404:
-                return False
-            raise
-    wait_for(f"pod {pod} to run", probe, timeout=120, interval=0.2)
 
 
 def assert_pipeline_intact(api: client.ApiClient, ns: str, job: str, uids: dict[str, str]) -> None:
@@ -94,7 +84,7 @@ def run_pipeline(cluster: Cluster, api: client.ApiClient, kubelet: Kubelet, ns: 
         uids[name] = pytorchjob(api, ns, job, name)["metadata"]["uid"]
         fault(f"{name}: PyTorchJob created")
         pod = f"{job}-{name}-master-0"
-        pod_running(core, ns, pod)
+        running_pod(core, ns, pod)
         fault(f"{name}: pods running")
         kubelet.terminate(ns, pod, 0)
         fault(f"{name}: pods finished")

@@ -38,6 +38,7 @@ from e2e.operator.conftest import (
     finetunejob,
     get,
     pod_annotations,
+    running_pod,
     stage,
 )
 
@@ -58,20 +59,6 @@ def tiny_pretraining(name: str) -> dict[str, Any]:
     body["spec"]["model"] = {"init": {"architecture": "llama", "hiddenSize": 64, "numLayers": 2, "numHeads": 4,
                                       "maxPositionEmbeddings": 128, "tokenizer": {"train": {"vocabSize": 400}}}}
     return body
-
-
-def running_pod(core: client.CoreV1Api, ns: str, name: str, not_uid: str | None = None) -> str:
-    """Wait for pod `name` to run (a replacement: with another uid than `not_uid`); its uid."""
-    def probe() -> str | None:
-        try:
-            pod = core.read_namespaced_pod(name, ns)
-        except client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        ok = pod.status.phase == "Running" and pod.metadata.uid != not_uid and not pod.metadata.deletion_timestamp
-        return str(pod.metadata.uid) if ok else None
-    return wait_for(f"pod {name} to run" + (" again" if not_uid else ""), probe, timeout=120, interval=0.2)
 
 
 def stage_status(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:

@@ -61,15 +61,19 @@ def _validate_data(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from kubetune.local.runner import EXIT_INVALID, Runner, RunError
+    from kubetune.local.runner import EXIT_INVALID, Runner, RunError, load_plans
 
-    try:
-        runner = Runner(Path(args.file), Path(args.runs_dir), nproc=args.nproc, resume=args.resume,
-                        metrics_port=args.metrics_port, console=console)
-        return runner.run()
+    manifest = Path(args.file)
+    try:  # every job of the file is checked (and its run folder claimed) before the first one starts
+        runners = [Runner(manifest, Path(args.runs_dir), nproc=args.nproc, resume=args.resume,
+                          metrics_port=args.metrics_port, console=console, plan=plan) for plan in load_plans(manifest)]
     except RunError as e:
         console.print(f"[bold red]Refused[/]: {e}", highlight=False)
         return EXIT_INVALID
+    for runner in runners:  # in file order; a job that fails stops the ones after it
+        if code := runner.run():
+            return code
+    return 0
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
@@ -147,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_validate_data)
 
     r = sub.add_parser("run", help="run a FineTuneJob on this machine")
-    r.add_argument("file", help="manifest holding one FineTuneJob (and the PreferenceDatasets it reads)")
+    r.add_argument("file", help="manifest of FineTuneJobs, run one after another (and the PreferenceDatasets they read)")
     r.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun --nproc-per-node)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from where it stopped")
     r.add_argument("--runs-dir", default="runs", help="where runs live: <runs-dir>/<job>/<stage>/ (default: runs)")

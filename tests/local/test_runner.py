@@ -143,3 +143,21 @@ def test_stage_types_without_a_recipe_are_refused_before_anything_runs(
     assert result.returncode == 2
     assert f"stage type {stage_type} is not implemented yet" in result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_of_several_jobs_is_checked_whole_before_any_job_starts(tmp_path: Path) -> None:
+    first = _manifest(tmp_path, "first", max_steps=5).read_text()
+    second = _manifest(tmp_path, "second", max_steps=5).read_text()
+    both = tmp_path / "both.yaml"
+    both.write_text(first + "---" + second)
+    (tmp_path / "runs" / "second").mkdir(parents=True)
+    (tmp_path / "runs" / "second" / "run.json").write_text("{}")  # an earlier run of the second job
+    result = _run(["run", str(both)], tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "holds an earlier run; pass --resume" in result.stdout
+    assert not (tmp_path / "runs" / "first").exists()  # refused before the first job started
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(first + "---" + first)
+    result = _run(["run", str(twice)], tmp_path)
+    assert result.returncode == 2 and "more than one FineTuneJob named first" in result.stdout, result.stdout

@@ -2,6 +2,9 @@
 
     kubetune run examples/pipeline-tiny.yaml [--nproc 2] [--resume]
 
+A file may hold several FineTuneJobs (as `kubectl apply -f` takes them): they run one after
+another, in file order, each in its own `<runs-dir>/<job>`; all are checked before the first starts.
+
 Each stage is rendered into a StageRun (`<run>/<stage>/stagerun.json`, the same object the
 operator puts in a ConfigMap) and run by `kubetune-train --nproc-per-node N`, which is torchrun
 in-process (standalone rendezvous) so the workers' own exit codes come back. The run's state lives in `<run>/run.json`, so an interrupted run (Ctrl-C,
@@ -46,19 +49,31 @@ class Plan:
     base_dir: Path
 
 
-def load_plan(manifest: Path) -> Plan:
-    """The FineTuneJob of a manifest file, with the PreferenceDatasets beside it."""
+def load_plans(manifest: Path) -> list[Plan]:
+    """The FineTuneJobs of a manifest file, in file order, each with the PreferenceDatasets beside them."""
     docs = load_documents(manifest)
     problems = [f"{p}" for d in docs for p in validate_object(d) if p.severity == "error"]
     if problems:
         raise RunError(f"{manifest} is invalid:\n  " + "\n  ".join(problems))
     jobs = [FineTuneJob.model_validate(d) for d in docs if d.get("kind") == "FineTuneJob"]
-    if len(jobs) != 1:
-        raise RunError(f"{manifest} must hold exactly one FineTuneJob (found {len(jobs)})")
+    if not jobs:
+        raise RunError(f"{manifest} holds no FineTuneJob; add one (kind: FineTuneJob)")
+    names = [j.metadata.name for j in jobs]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise RunError(f"{manifest} holds more than one FineTuneJob named {', '.join(twice)}; "
+                       "each runs in runs/<name>, so give each its own metadata.name")
     datasets = {
         d["metadata"]["name"]: PreferenceDataset.model_validate(d) for d in docs if d.get("kind") == "PreferenceDataset"
     }
-    return Plan(jobs[0], datasets, manifest.resolve().parent)
+    return [Plan(job, datasets, manifest.resolve().parent) for job in jobs]
+
+
+def load_plan(manifest: Path) -> Plan:
+    """The one FineTuneJob of a manifest file."""
+    plans = load_plans(manifest)
+    if len(plans) != 1:
+        raise RunError(f"{manifest} must hold exactly one FineTuneJob (found {len(plans)})")
+    return plans[0]
 
 
 def _stage_data(plan: Plan, index: int) -> StageData | None:
@@ -98,8 +113,8 @@ def _typed(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class Runner:
     def __init__(self, manifest: Path, runs_dir: Path, nproc: int = 1, resume: bool = False,
-                 metrics_port: int = 0, console: Console | None = None) -> None:
-        self.plan = load_plan(manifest)
+                 metrics_port: int = 0, console: Console | None = None, plan: Plan | None = None) -> None:
+        self.plan = plan or load_plan(manifest)
         self.manifest = manifest
         self.nproc = nproc
         self.metrics_port = metrics_port
@@ -121,12 +136,9 @@ class Runner:
             return old
         if resume:
             self.console.print(f"No earlier run in {self.run_dir}; starting a new one.")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         stages = _typed([{"name": s.name, "type": s.type, "state": "Pending"} for s in self.plan.job.spec.stages])
-        state = {"job": self.plan.job.metadata.name, "manifest": str(self.manifest.resolve()),
-                 "outputBase": self.output_base, "spec": spec, "stages": stages}
-        write_json(path, state)
-        return state
+        return {"job": self.plan.job.metadata.name, "manifest": str(self.manifest.resolve()),
+                "outputBase": self.output_base, "spec": spec, "stages": stages}  # written when the run starts
 
     def _save(self) -> None:
         typed = _typed(self.state["stages"])
@@ -136,6 +148,8 @@ class Runner:
         write_json(self.run_dir / RUN_FILE, self.state)
 
     def run(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._save()
         for i, entry in enumerate(self.state["stages"]):
             if entry["state"] == "Succeeded":
                 self.console.print(f"Skipped stage {entry['name']}: it succeeded before.")
@@ -162,7 +176,8 @@ class Runner:
         )
         # kubetune-train is the torchrun agent itself (--nproc-per-node), so workers' exit codes survive
         cmd = [sys.executable, "-m", "kubetune_trainer.launch", f"--nproc-per-node={self.nproc}", str(run_file)]
-        env = {**os.environ, "KUBETUNE_BASE_DIR": str(self.plan.base_dir), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KUBETUNE_BASE_DIR": str(self.plan.base_dir), "PYTHONUNBUFFERED": "1",
+               "KUBETUNE_STAGING_DIR": str(stage_dir)}  # where an s3 output is written before it goes up
         with (stage_dir / LOG_FILE).open("a") as log:
             log.write(f"\n=== {now_rfc3339()} {' '.join(cmd)}\n")
             log.flush()

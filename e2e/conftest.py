@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client, config
 
+from e2e.s3 import SeaweedFS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +222,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if not reuse:
             _script("down", env=env)
+
+
+@pytest.fixture(scope="session")
+def s3(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A real S3 server for the session: SeaweedFS, built with the control plane (e2e/s3.py)."""
+    server = SeaweedFS(cluster.bin_dir / "seaweedfs", tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

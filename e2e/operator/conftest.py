@@ -25,6 +25,7 @@ resource limits, `$(VAR)` expansion, and the pod network (ports are this machine
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -466,8 +467,8 @@ class Kubelet:
                 folder = self.pvc_root / v["persistentVolumeClaim"]["claimName"]
                 ro = bool(m.get("readOnly") or v["persistentVolumeClaim"].get("readOnly"))
                 out[m["mountPath"]], read_only[folder] = folder, read_only.get(folder, True) and ro
-            elif "emptyDir" in v and m["mountPath"] != "/dev/shm":
-                folder = root / "volumes" / m["name"]
+            elif "emptyDir" in v and m["mountPath"] != "/dev/shm":  # new with each pod, as the kubelet's
+                folder = root / "volumes" / pod["metadata"]["uid"] / m["name"]
                 folder.mkdir(parents=True, exist_ok=True)
                 out[m["mountPath"]], read_only[folder] = folder, bool(m.get("readOnly"))
         return out, read_only
@@ -567,6 +568,22 @@ class Kubelet:
                 pass
             i += 1
         return found
+
+    def stop(self, namespace: str, name: str, grace: float = 30) -> int:
+        """The pod was deleted (or its node lost): stop its processes as the kubelet stops a deleted
+        pod's containers (SIGTERM, SIGKILL after the grace period); nothing is written to its status."""
+        pids = self.processes(namespace, name)
+        proc = self.procs.pop(f"{namespace}/{name}")[0]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return proc.wait()
 
     def kill_all(self) -> None:
         for proc, *_ in self.procs.values():

@@ -14,12 +14,10 @@ reports the node-local address) and shows the trainer's progress in the job's st
 
 from __future__ import annotations
 
-import http.server
 import json
 import math
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import pytest
@@ -138,53 +136,3 @@ def test_a_stage_that_fails_on_bad_data_fails_the_job_with_the_trainers_reason(
     assert message.startswith("Stage 1/1 pretrain failed: ")
     assert f"pod {pod} exited with code 1 (a permanent error" in message
     assert "line 2" in message, message
-
-
-class S3Witness(http.server.BaseHTTPRequestHandler):
-    """Stands where the storage Secret says S3 is: records each request and refuses it (403)."""
-
-    seen: list[tuple[str, str, str]] = []
-
-    def refuse(self) -> None:
-        self.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
-        body = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>refused by the witness</Message></Error>"
-        self.send_response(403)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_HEAD = refuse
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_a_stage_reading_s3_gets_the_storage_secret_and_runs_with_a_read_only_root(
-    cluster: Cluster, admin_api: client.ApiClient, running_operator: Operator, workspace: Workspace, kubelet: Kubelet
-) -> None:
-    """The operator gives stages that read s3:// the storage Secret (envFrom); the trainer, run by
-    the stand-in kubelet with the pod's read-only root, signs its S3 requests with the Secret's key
-    at the Secret's endpoint. (A witness answers there and refuses, so the stage fails.)"""
-    ns = workspace.namespace
-    witness = http.server.ThreadingHTTPServer(("127.0.0.1", 0), S3Witness)
-    threading.Thread(target=witness.serve_forever, daemon=True).start()
-    client.CoreV1Api(admin_api).create_namespaced_secret(ns, {"metadata": {"name": "kubetune-storage"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": "AKIDKUBETUNEE2E", "AWS_SECRET_ACCESS_KEY": "not-a-secret", "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{witness.server_port}"}})
-    core = client.CoreV1Api(admin_api)
-    pod = start_one_node_pretraining(cluster, core, ns, "from-s3", "s3://data-bucket/train.jsonl")
-    container = core.read_namespaced_pod(pod, ns).spec.containers[0]
-    assert container.security_context.read_only_root_filesystem
-    assert [e.secret_ref.name for e in container.env_from] == ["kubetune-storage"]
-
-    kubelet.start(ns, pod)
-    code = kubelet.wait(ns, pod, timeout=300)
-    witness.shutdown()
-
-    assert code != 0
-    assert S3Witness.seen, kubelet.log(ns, pod)[-3000:]
-    method, path, authorization = S3Witness.seen[0]
-    assert path.startswith("/data-bucket") and "Credential=AKIDKUBETUNEE2E/" in authorization
-    cluster.kubectl("wait", "--for=condition=Failed", "-n", ns, "ftj/from-s3", "--timeout=60s", timeout=90)

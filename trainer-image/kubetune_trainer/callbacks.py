@@ -47,7 +47,8 @@ from transformers import TrainerCallback
 from kubetune.api.meta import now_rfc3339
 from kubetune.shared import write_json
 
-from kubetune_trainer.common import checkpoints, latest_checkpoint
+from kubetune_trainer import storage
+from kubetune_trainer.common import TRAINER_STATE, barrier, checkpoints, latest_checkpoint
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -108,6 +109,27 @@ class Metrics:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+
+class CheckpointUpload(TrainerCallback):
+    """Puts each checkpoint on the stage's remote (s3) output as soon as the Trainer has written it,
+    not only at the end of the stage, so a stage whose pod is lost resumes from there
+    (common.fetch_remote_checkpoint). Every rank runs it: once all have written their part, one
+    process per node puts the node's files but trainer_state.json; once all nodes have, rank 0 puts
+    trainer_state.json, the Trainer's last write, which marks a checkpoint complete, remote as local."""
+
+    def __init__(self, out: Path, output_uri: str, rank: int, local_rank: int) -> None:
+        self.out, self.output_uri, self.rank, self.local_rank = out, output_uri.rstrip("/"), rank, local_rank
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        name = f"checkpoint-{state.global_step}"
+        barrier()
+        if self.local_rank == 0:
+            storage.put(self.out / name, f"{self.output_uri}/{name}", skip=(TRAINER_STATE,))
+        barrier()
+        if self.rank == 0:
+            storage.put(self.out / name / TRAINER_STATE, f"{self.output_uri}/{name}/{TRAINER_STATE}")
+            log.info("Uploaded checkpoint uri=%s/%s step=%d", self.output_uri, name, state.global_step)
 
 
 class ProgressCallback(TrainerCallback):

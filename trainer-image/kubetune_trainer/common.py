@@ -30,7 +30,7 @@ import torch.distributed as dist
 from kubetune.api import StageRun, registry
 from kubetune.api.finetunejob import DEFAULT_MAX_LENGTH
 
-from kubetune_trainer import bottleneck, models
+from kubetune_trainer import bottleneck, models, storage
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -212,6 +212,23 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint in the stage folder, or None."""
     complete = [p for _, p, ok in checkpoints(out) if ok]
     return complete[-1] if complete else None
+
+
+def fetch_remote_checkpoint(out: Path, output_uri: str) -> Path | None:
+    """A stage restarted on a fresh pod (its emptyDir gone with the old one) whose output is on s3:
+    fetch the newest complete checkpoint uploaded there (CheckpointUpload puts trainer_state.json
+    last, so a remote checkpoint with it is complete) into the stage folder. Run once per node."""
+    if storage.scheme(output_uri) != "s3" or latest_checkpoint(out) is not None:
+        return None
+    steps = [int(m.group(1)) for key in storage.list_keys(output_uri)
+             if (m := CHECKPOINT_RE.match(key.split("/")[0])) and key.split("/", 1)[1:] == [TRAINER_STATE]]
+    if not steps:
+        return None
+    name = f"checkpoint-{max(steps)}"
+    shutil.rmtree(out / name, ignore_errors=True)  # an incomplete local copy
+    storage.get(f"{output_uri.rstrip('/')}/{name}", out / name)
+    log.info("Fetched checkpoint uri=%s/%s step=%d", output_uri.rstrip("/"), name, max(steps))
+    return out / name
 
 
 def drop_incomplete_checkpoints(out: Path) -> None:

@@ -220,6 +220,11 @@ def run_stage(path: str) -> int:
         rank, world, local_rank = setup_distributed(run)
         seed_everything(run.hyperparameters.seed)
         ctx = common.Context(out=out, rank=rank, world_size=world, local_rank=local_rank)
+        if storage.scheme(output_uri) == "s3":  # checkpoints go up as they are written; a new pod starts from them
+            if local_rank == 0:
+                common.fetch_remote_checkpoint(out, output_uri)
+            common.barrier()
+            ctx.callbacks.append(callbacks.CheckpointUpload(out, output_uri, rank, local_rank))
         if ctx.is_main:
             callbacks.write_final(out, output_uri, "running")
             metrics = callbacks.Metrics(run.job, run.stage, run.metrics_port)
@@ -231,7 +236,8 @@ def run_stage(path: str) -> int:
             write_json(out / "metrics.json", result)
             callbacks.write_final(out, output_uri, "succeeded", step=result.get("globalStep", 0),
                                   loss=result.get("trainLoss"))
-            storage.upload(out, run.output_uri)
+            uploaded = tuple(p.name for _, p, _ in common.checkpoints(out))  # by CheckpointUpload, as written
+            storage.upload(out, run.output_uri, skip=uploaded)
             log.info("Finished stage stage=%s step=%s trainLoss=%s before=%s after=%s", run.stage,
                      result.get("globalStep"), result.get("trainLoss"), result.get("before"), result.get("after"))
         return EXIT_OK  # the other ranks may leave first: torchrun waits for every worker

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from helm_helpers import ALL_ON, documents, merge, template
 
 # (group, resource) -> verbs, exactly as the operator's code needs them.
@@ -26,6 +28,7 @@ EXPECTED = {
     ("", "events"): {"create", "list"},
     ("serving.kserve.io", "inferenceservices"): {"get", "list", "watch", "create", "update", "delete"},
     ("serving.kserve.io", "llminferenceservices"): {"get", "list", "watch", "create", "update", "delete"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "list", "patch"},
 }
 
 
@@ -101,6 +104,7 @@ def test_cluster_mode_watching_named_namespaces_grants_their_kopfpeerings(tmp_pa
     assert [r["resourceNames"] for r in role["rules"] if r.get("resourceNames")] == [["kt-kubetune"]]
 
 
-def test_kserve_rights_can_be_left_out(tmp_path: Path) -> None:
-    (role,) = _operator_roles(documents(template({"rbac": {"kserve": False}}, tmp=tmp_path).stdout))
-    assert not {kind for group, kind in _grants(role["rules"]) if group == "serving.kserve.io"}
+@pytest.mark.parametrize(("value", "group"), [("kserve", "serving.kserve.io"), ("kueue", "kueue.x-k8s.io")])
+def test_kserve_and_kueue_rights_can_be_left_out(tmp_path: Path, value: str, group: str) -> None:
+    (role,) = _operator_roles(documents(template({"rbac": {value: False}}, tmp=tmp_path).stdout))
+    assert not {kind for g, kind in _grants(role["rules"]) if g == group}

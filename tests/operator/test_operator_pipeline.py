@@ -327,3 +327,35 @@ def test_the_jobs_by_condition_gauge_counts_each_job_once() -> None:
     metrics.set_job_conditions("ns/a", None)
     metrics.set_job_conditions("ns/b", None)
     assert value("Running") == 0.0
+
+
+def test_a_stage_kueue_holds_waits_in_its_queue_and_one_the_user_suspended_is_suspended() -> None:
+    def queued(*conditions: str) -> dict[str, Any]:  # a PyTorchJob Kueue suspended until it admits it
+        return {**child(*conditions), "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpus"}},
+                "spec": {"runPolicy": {"suspend": True}}}
+    waiting = observe_stages(JOB, {"pipe-pretrain": queued("Created", "Suspended")}, [], OUT)
+    new = observe_stages(JOB, {"pipe-pretrain": queued()}, [], OUT)  # before the training-operator saw it
+    suspended_job = FineTuneJob.model_validate(pipeline(runPolicy={"suspend": True}))
+    by_user = observe_stages(suspended_job, {"pipe-pretrain": queued("Created", "Suspended")}, [], OUT)
+
+    assert (waiting.phase, waiting.reason, waiting.stages[0]["state"]) == (Phase.PENDING, r.STAGE_QUEUED, "Pending")
+    assert waiting.message == "Stage 1/3 pretrain waits in Kueue LocalQueue gpus (PyTorchJob pipe-pretrain)."
+    assert (new.phase, new.reason) == (Phase.PENDING, r.STAGE_QUEUED)
+    assert (by_user.phase, by_user.reason, by_user.stages[0]["state"]) == (Phase.SUSPENDED, r.STAGE_SUSPENDED, "Suspended")
+
+
+def test_kueues_reason_for_a_workload_it_has_not_admitted() -> None:
+    from kubetune.backends import kueue
+
+    def workload(active: bool = True, **conditions: tuple[str, str]) -> dict[str, Any]:
+        return {"spec": {"active": active}, "status": {"conditions": [
+            {"type": t, "status": s, "reason": t, "message": m} for t, (s, m) in conditions.items()]}}
+    quota = "couldn't assign flavors to pod set worker: insufficient unused quota for nvidia.com/gpu in flavor f"
+    assert kueue.why_waiting(workload(QuotaReserved=("False", quota))) == quota
+    assert kueue.why_waiting(workload(QuotaReserved=("True", "reserved"), Admitted=("True", "admitted"))) == ""
+    assert kueue.why_waiting(workload(False)) == "its Kueue Workload is deactivated"
+    assert kueue.why_waiting(workload(Evicted=("True", "preempted by a job of higher priority"))) == \
+        "evicted by Kueue (Evicted): preempted by a job of higher priority"
+    assert kueue.active_patch(False) == {"metadata": {"annotations": {kueue.DEACTIVATED_BY: "spec.runPolicy.suspend"}},
+                                         "spec": {"active": False}}
+    assert kueue.deactivated_by_us({"metadata": {"annotations": {kueue.DEACTIVATED_BY: "spec.runPolicy.suspend"}}})

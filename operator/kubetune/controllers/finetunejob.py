@@ -31,6 +31,7 @@ from kubetune.api.meta import API_VERSION, find_condition, is_true, now_rfc3339
 from kubetune.api.preferencedataset import FORMAT_BY_SCHEMA, PreferenceDataset
 from kubetune.api.stagerun import StageData, render_stage_run, stage_output_uri
 from kubetune.backends import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, child_name, label_value
+from kubetune.backends import kueue
 from kubetune.backends import pytorchjob as backend
 from kubetune.backends import trainer_metrics
 from kubetune.controllers import common
@@ -337,11 +338,26 @@ def start_stage(
 
 
 def sync_suspend(body: dict[str, Any], child: dict[str, Any], suspend: bool) -> None:
-    """Suspend the running stage's PyTorchJob when the job is suspended; resume only what we suspended."""
+    """Suspend the running stage's PyTorchJob when the job is suspended; resume only what we suspended.
+    A stage queued in Kueue is suspended through its Workload instead (backends/kueue.py says why)."""
+    name, namespace = child["metadata"]["name"], child["metadata"]["namespace"]
+    if kueue.queue_of(child):
+        workload = kueue_workload(namespace, child)
+        as_asked = suspend != kueue.is_active(workload) if workload else True
+        if workload is None or as_asked or (not suspend and not kueue.deactivated_by_us(workload)):
+            return  # not made yet (a later reconcile finds it), already as asked, or deactivated by someone else
+        group, version, plural = kueue.WORKLOADS
+        wl_name = workload["metadata"]["name"]
+        common.custom().patch_namespaced_custom_object(group, version, namespace, plural, wl_name,
+                                                       kueue.active_patch(not suspend))
+        log.info("%s Kueue Workload name=%s namespace=%s", "Deactivated" if suspend else "Activated", wl_name, namespace)
+        common.event(body, r.EVENT_SUSPENDED if suspend else r.EVENT_RESUMED,
+                     f"{'Deactivated' if suspend else 'Activated'} Kueue Workload {wl_name} of PyTorchJob {name} "
+                     "(spec.runPolicy.suspend).")
+        return
     if suspend == backend.is_suspended(child) or (not suspend and not backend.suspended_by_us(child)):
         return
     group, version, plural = PYTORCHJOBS
-    name, namespace = child["metadata"]["name"], child["metadata"]["namespace"]
     common.custom().patch_namespaced_custom_object(group, version, namespace, plural, name,
                                                    backend.suspend_patch(suspend))
     log.info("%s PyTorchJob name=%s namespace=%s", "Suspended" if suspend else "Resumed", name, namespace)
@@ -391,10 +407,25 @@ def apply_progress(entry: dict[str, Any], got: trainer_metrics.TrainerProgress, 
         entry["metrics"] = {**(entry.get("metrics") or {}), **got.metrics}
 
 
+def kueue_workload(namespace: str, child: dict[str, Any]) -> dict[str, Any] | None:
+    """The Kueue Workload of a queued stage's PyTorchJob; None before Kueue made it (or without Kueue)."""
+    try:
+        found = common.list_custom(kueue.WORKLOADS, namespace, kueue.workload_selector(child))
+    except client.ApiException as e:
+        if e.status == 404:  # Kueue is not installed
+            return None
+        raise
+    return found[0] if found else None
+
+
 def why_pending(namespace: str, child: dict[str, Any]) -> str:
-    """Why a stage's pods are not running yet: pods the scheduler cannot place, or pods the
-    training-operator could not create (its newest Warning, e.g. a PodSecurity refusal)."""
+    """Why a stage's pods are not running yet: Kueue has not admitted its Workload, pods the
+    scheduler cannot place, or pods the training-operator could not create (its newest Warning,
+    e.g. a PodSecurity refusal)."""
     name = child["metadata"]["name"]
+    if kueue.queue_of(child) and backend.is_suspended(child):
+        workload = kueue_workload(namespace, child)
+        return kueue.why_waiting(workload) if workload else "Kueue has not made its Workload yet"
     for pod in _pods(namespace, name):
         scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
                           if c.get("type") == "PodScheduled" and c.get("status") == "False"), None)

@@ -22,7 +22,7 @@ from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.meta import set_condition
 from kubetune.api.stagerun import stage_model_uri, stage_output_uri, start_of
 from kubetune.api.validation import semantic_problems
-from kubetune.backends import pod_annotations, pytorchjob
+from kubetune.backends import kueue, pod_annotations, pytorchjob
 
 TERMINAL = ("Succeeded", "Failed")
 ACTIVE = ("Pending", "Running", "Restarting", "Suspended")
@@ -153,6 +153,8 @@ def observe_stages(
         if child is not None:
             state, reason, message = pytorchjob.observe(child)
             start, end = pytorchjob.times(child)
+            if state == "Suspended" and kueue.queue_of(child) and not job.spec.run_policy.suspend:
+                state = "Pending"  # Kueue holds it until it admits it (or evicted it): it waits in the queue
             entry.update(state=state, jobName=name, message=f"{reason}: {message}" if message else reason)
             for at in sorted(t for t in {(restarts or {}).get(name), restarted_at(child)} if t):
                 count_restart(entry, at)
@@ -189,6 +191,9 @@ def observe_stages(
                         f"{label} is restarting after a retryable failure: {entry.get('message', '')}.")
         elif entry["state"] == "Suspended":
             plan = Plan(stages, Phase.SUSPENDED, i, r.STAGE_SUSPENDED, f"{label} is suspended (PyTorchJob {name}).")
+        elif child is not None and (queue := kueue.queue_of(child)) and pytorchjob.is_suspended(child):
+            plan = Plan(stages, Phase.PENDING, i, r.STAGE_QUEUED,
+                        f"{label} waits in Kueue LocalQueue {queue} (PyTorchJob {name}).")
         else:
             plan = Plan(stages, Phase.PENDING, i, r.STAGE_CREATED, f"{label} waits for its pods (PyTorchJob {name}).")
     if plan is None:

@@ -1,0 +1,148 @@
+"""Kueue for the tests: its manager, built from its Go module by e2e/cluster/build like the control
+plane, run against the local cluster with the PyTorchJob integration.
+
+It is installed as its own manifests install it, with what a pod would get in their place:
+- the CRDs from its module;
+- its webhooks (its own kinds' and PyTorchJob's, so a queued PyTorchJob is suspended from its
+  creation on), each pointed at the manager on 127.0.0.1 with a certificate made here, since
+  there is no Service network;
+- a configuration with its ports, the certificate folder and no leader election; the same
+  certificate serves its metrics (a pod mounts it at /etc/kueue/metrics/certs; the build reads
+  that folder from $KUEUE_METRICS_CERT_DIR instead, e2e/cluster/modules/kueue/main.sed);
+- the on-demand visibility API (an aggregated API server of its own) off: nothing here uses it.
+The conversion webhooks for the CRDs' old version (v1beta1) are left out: everything here speaks
+v1beta2, the stored version.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.conftest import REPO, Cluster, free_port, go_module_dir
+
+MODULE = "sigs.k8s.io/kueue"
+NAMESPACE = "kueue-system"
+
+
+def version() -> str:
+    """The Kueue version the wrapper module (e2e/cluster/modules/kueue) builds."""
+    for line in (REPO / "e2e" / "cluster" / "modules" / "kueue" / "go.mod").read_text().splitlines():
+        parts = line.split()
+        if MODULE in parts:
+            return parts[parts.index(MODULE) + 1]
+    raise AssertionError("e2e/cluster/modules/kueue/go.mod does not require sigs.k8s.io/kueue")
+
+
+def _certificate(folder: Path) -> bytes:
+    """A CA and a serving certificate for 127.0.0.1 signed by it (tls.crt, tls.key); the CA's PEM."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "ca.key"),
+            "-out", str(folder / "ca.crt"), "-days", "30", "-subj", "/CN=kueue-e2e-ca")
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "tls.key"),
+            "-out", str(folder / "tls.csr"), "-subj", "/CN=127.0.0.1")
+    (folder / "tls.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", str(folder / "tls.csr"), "-CA", str(folder / "ca.crt"), "-CAkey",
+            str(folder / "ca.key"), "-CAcreateserial", "-days", "30", "-sha256", "-extfile", str(folder / "tls.ext"),
+            "-out", str(folder / "tls.crt"))
+    return (folder / "ca.crt").read_bytes()
+
+
+def _webhooks(source: Path, port: int, ca: bytes) -> list[dict[str, Any]]:
+    """Kueue's webhook configurations, only the webhooks of its own kinds and of PyTorchJobs
+    (the others are for integrations this configuration does not enable, so their paths are not
+    served), each calling https://127.0.0.1:<port><path>."""
+    out = []
+    for doc in yaml.safe_load_all(source.read_text()):
+        if not doc:
+            continue
+        kept = []
+        for hook in doc["webhooks"]:
+            resources = {(g, r) for rule in hook["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+            if all(g == "kueue.x-k8s.io" or r == "pytorchjobs" for g, r in resources):
+                path = hook["clientConfig"]["service"]["path"]
+                hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": base64.b64encode(ca).decode()}
+                kept.append(hook)
+        doc["metadata"]["name"] = f"kueue-e2e-{doc['metadata']['name']}"
+        out.append({**doc, "webhooks": kept})
+    return out
+
+
+@dataclass
+class Kueue:
+    cluster: Cluster
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.root / "kueue.log"
+
+    def start(self, timeout: float = 120) -> None:
+        module = go_module_dir(f"{MODULE}@{version()}")
+        crds = sorted((module / "config" / "components" / "crd" / "bases").glob("*.yaml"))
+        self.cluster.apply_crds(*crds)
+        self.cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+        certs = self.root / "certs"
+        ca = _certificate(certs)
+        webhook, health, metrics = free_port(), free_port(), free_port()
+        config = self.root / "config.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": NAMESPACE,
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{health}"},
+            "metrics": {"bindAddress": f"127.0.0.1:{metrics}"},
+            "webhook": {"port": webhook, "host": "127.0.0.1", "certDir": str(certs)},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": ["kubeflow.org/pytorchjob"]},
+        }))
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(self.cluster.bin_dir / "kueue"), f"--config={config}", f"--kubeconfig={self.cluster.kubeconfig}",
+                 "--feature-gates=VisibilityOnDemand=false"],  # its API server reads certificates at /visibility
+                env={**os.environ, "KUEUE_METRICS_CERT_DIR": str(certs)},  # see e2e/cluster/modules/kueue/main.sed
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self._ready(health):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"Kueue did not get ready (exit {self.proc.returncode}): {self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        hooks = self.root / "webhooks.yaml"
+        hooks.write_text(yaml.safe_dump_all(_webhooks(module / "config" / "components" / "webhook" / "manifests.yaml",
+                                                      webhook, ca)))
+        self.cluster.kubectl("apply", "-f", str(hooks))
+
+    @staticmethod
+    def _ready(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as rsp:
+                return bool(rsp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Remove the webhooks first (they would refuse every PyTorchJob once nothing answers them), then the manager."""
+        hooks = self.root / "webhooks.yaml"
+        if hooks.exists():
+            self.cluster.kubectl("delete", "--ignore-not-found", "-f", str(hooks), check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

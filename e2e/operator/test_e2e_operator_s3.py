@@ -43,7 +43,7 @@ from e2e.operator.conftest import (
 )
 from e2e.s3 import BUCKET, SeaweedFS
 
-MAX_STEPS = 150
+MAX_STEPS = 250
 SAVE_STEPS = 10
 
 
@@ -127,6 +127,15 @@ def test_a_pipeline_on_s3_survives_its_pod_deleted_and_its_node_lost(
         if how == "node lost":
             assert core.read_namespaced_pod(pod, ns).spec.node_name != node
         kubelet.start(ns, pod, pod_ip="127.0.0.1")
+
+        def restart_counted(count: int = len(interruptions)) -> dict[str, Any] | None:
+            entry = ((get(admin_api, FTJ, ns, name) or {}).get("status") or {}).get("stages", [{}])[0]
+            checkpoint = (entry.get("lastCheckpoint") or {}).get("uri", "")
+            return entry if entry.get("state") == "Running" and entry.get("restarts") == count and \
+                checkpoint.startswith(f"{out}/checkpoint-") else None
+        shown = wait_for(f"the status to count the restart ({how}) while the stage runs", restart_counted,
+                         timeout=120, interval=0.2)
+        assert shown["lastRestartTime"] and shown["masterPodUID"] == uid
     assert kubelet.wait(ns, pod, timeout=600) == 0, kubelet.log(ns, pod)[-3000:]
 
     # each replacement fetched the newest checkpoint on s3, resumed there, and redid at most one interval
@@ -151,11 +160,12 @@ def test_a_pipeline_on_s3_survives_its_pod_deleted_and_its_node_lost(
     assert {"adapter_model.safetensors", "metrics.json", "checkpoint-20/trainer_state.json"} <= \
         set(s3.keys(f"{prefix}/models/sft"))
 
-    # the status names the s3 outputs
+    # the status names the s3 outputs and counts both restarts
     job = get(admin_api, FTJ, ns, name) or {}
     pretrain, sft = job["status"]["stages"]
     assert (pretrain["state"], sft["state"]) == ("Succeeded", "Succeeded")
     assert pretrain["outputUri"] == out and pretrain["lastCheckpoint"]["uri"].startswith(f"{out}/checkpoint-")
+    assert (pretrain["restarts"], sft["restarts"]) == (2, 0)  # the deleted pod and the lost node
 
     # the keys are nowhere the operator, the trainer or the API server's objects show
     shown = [kubelet.log(ns, pod), kubelet.log(ns, sft_pod), running_operator.log_text(), json.dumps(job),

@@ -359,3 +359,19 @@ def test_kueues_reason_for_a_workload_it_has_not_admitted() -> None:
     assert kueue.active_patch(False) == {"metadata": {"annotations": {kueue.DEACTIVATED_BY: "spec.runPolicy.suspend"}},
                                          "spec": {"active": False}}
     assert kueue.deactivated_by_us({"metadata": {"annotations": {kueue.DEACTIVATED_BY: "spec.runPolicy.suspend"}}})
+
+
+def test_a_master_pod_replaced_without_a_restarting_condition_is_counted_once() -> None:
+    from kubetune.controllers.pipeline import count_restart, note_master_pod
+
+    def pod(uid: str, created: str) -> dict[str, Any]:
+        return {"metadata": {"uid": uid, "creationTimestamp": created}}
+    entry: dict[str, Any] = {}
+    note_master_pod(entry, pod("a", "2025-01-01T00:00:00Z"))
+    note_master_pod(entry, pod("a", "2025-01-01T00:00:00Z"))
+    assert entry.get("restarts") is None  # the first pod, seen twice
+    note_master_pod(entry, pod("b", "2025-01-01T00:05:00Z"))  # deleted, or lost with its node: replaced
+    assert (entry["restarts"], entry["lastRestartTime"], entry["masterPodUID"]) == (1, "2025-01-01T00:05:00Z", "b")
+    count_restart(entry, "2025-01-01T00:09:00Z")  # the training-operator's Restarting condition
+    note_master_pod(entry, pod("c", "2025-01-01T00:09:01Z"))  # its replacement: not counted again
+    assert (entry["restarts"], entry["masterPodUID"]) == (2, "c")

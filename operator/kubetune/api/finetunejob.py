@@ -539,10 +539,14 @@ class StageStatus(KubeModel):
         "Examples the model has trained on (image and audio stages), up to step: steps times batchSize times "
         "gradientAccumulationSteps times processes."))
     restarts: int | None = Field(default=None, ge=0, description=(
-        "Times the training-operator restarted the stage's pods after a retryable failure (exit code 128-255: "
-        "killed, out of memory, preempted), each one from lastCheckpoint. Under the ExitCode restart policy a "
-        "failed pod is replaced, not restarted in place, so the pods' own restart counts stay 0."))
+        "Times the stage's pods were started again, each one from lastCheckpoint: after a retryable failure "
+        "(exit code 128-255: killed, out of memory, preempted), or when the master pod was deleted or lost with "
+        "its node and the training-operator replaced it. Under the ExitCode restart policy a failed pod is "
+        "replaced, not restarted in place, so the pods' own restart counts stay 0. A suspension does not count."))
     last_restart_time: str | None = Field(default=None, description="When the stage's pods were last restarted (RFC 3339).")
+    master_pod_uid: str | None = Field(default=None, alias="masterPodUID", description=(
+        "The uid of the stage's master pod when the operator last read its progress; a master pod of another uid, "
+        "other than after a counted restart or a suspension, is a restart (deleted, or lost with its node)."))
 
 
 class FineTuneJobStatus(KubeModel):

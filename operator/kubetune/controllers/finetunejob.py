@@ -46,6 +46,7 @@ from kubetune.controllers.pipeline import (
     observe_stages,
     progress,
     publish_runtime,
+    note_master_pod,
     restarted_at,
     seconds_between,
 )
@@ -249,6 +250,7 @@ def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = Non
             plan.stages[plan.index]["message"] += f" ({detail})"
     if scraped is not None and plan.phase == Phase.RUNNING and child is not None \
             and scraped.pytorchjob == child["metadata"]["name"] and common.owned_by(scraped.pod, child):
+        note_master_pod(plan.stages[plan.index], scraped.pod)
         apply_progress(plan.stages[plan.index], scraped.progress,
                        stage_output_uri(output_base, job.spec.stages[plan.index]),
                        registry.get(job.spec.stages[plan.index].type).modality == "text")

@@ -118,10 +118,22 @@ def restarted_at(pytorchjob: dict[str, Any]) -> str | None:
 
 
 def count_restart(entry: dict[str, Any], at: str | None) -> None:
-    """Count a restart seen at `at` in the stage's status entry, once (lastRestartTime)."""
+    """Count a restart seen at `at` in the stage's status entry, once (lastRestartTime). The next
+    master pod is its replacement: it is recorded when seen (note_master_pod), not counted again."""
     if at and (entry.get("lastRestartTime") or "") < at:
         entry["restarts"] = int(entry.get("restarts") or 0) + 1
         entry["lastRestartTime"] = at
+        entry.pop("masterPodUID", None)
+
+
+def note_master_pod(entry: dict[str, Any], pod: dict[str, Any]) -> None:
+    """Record the running stage's master pod. One of another uid than the one recorded replaced it
+    without a Restarting condition (the training-operator shows none when a pod was deleted, or
+    removed with its lost node): that is a restart, at the new pod's creation."""
+    uid = pod["metadata"]["uid"]
+    if entry.get("masterPodUID") not in (None, uid):
+        count_restart(entry, pod["metadata"].get("creationTimestamp"))
+    entry["masterPodUID"] = uid
 
 
 def observe_stages(
@@ -146,7 +158,8 @@ def observe_stages(
         entry: dict[str, Any] = {"name": stage.name, "type": stage.type, "state": "Pending"}
         old = prev.get(stage.name) or {}
         for k in ("jobName", "startTime", "completionTime", "outputUri", "lastCheckpoint", "step", "totalSteps",
-                  "etaSeconds", "metrics", "message", "tokensTrained", "samplesTrained", "restarts", "lastRestartTime"):
+                  "etaSeconds", "metrics", "message", "tokensTrained", "samplesTrained", "restarts", "lastRestartTime",
+                  "masterPodUID"):
             if old.get(k) is not None:
                 entry[k] = old[k]
         child, deleted = children.get(name), False
@@ -156,6 +169,8 @@ def observe_stages(
             if state == "Suspended" and kueue.queue_of(child) and not job.spec.run_policy.suspend:
                 state = "Pending"  # Kueue holds it until it admits it (or evicted it): it waits in the queue
             entry.update(state=state, jobName=name, message=f"{reason}: {message}" if message else reason)
+            if pytorchjob.is_suspended(child):
+                entry.pop("masterPodUID", None)  # the pods a resumption brings are not restarts
             for at in sorted(t for t in {(restarts or {}).get(name), restarted_at(child)} if t):
                 count_restart(entry, at)
             entry.setdefault("restarts", 0)

@@ -69,6 +69,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_group(proc: subprocess.Popen[bytes] | None, grace: float = 30) -> None:
+    """Stop a server started in a session of its own (start_new_session): SIGTERM to its process
+    group, SIGKILL after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def go_module_dir(module: str) -> Path:
     """The folder of a Go module (`path@version`) in Go's module cache, downloaded through the
     module proxy when it is not there yet. A failure fails the test: a module the tests need is

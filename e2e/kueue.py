@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import subprocess
 import time
 import urllib.request
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.conftest import REPO, Cluster, free_port, go_module_dir
+from e2e.conftest import REPO, Cluster, free_port, go_module_dir, stop_group
 
 MODULE = "sigs.k8s.io/kueue"
 NAMESPACE = "kueue-system"
@@ -139,10 +138,4 @@ class Kueue:
         hooks = self.root / "webhooks.yaml"
         if hooks.exists():
             self.cluster.kubectl("delete", "--ignore-not-found", "-f", str(hooks), check=False)
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)

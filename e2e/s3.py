@@ -7,9 +7,7 @@ test can look for them in logs and status and know any hit is a leak.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -96,10 +94,6 @@ class SeaweedFS:
         return sorted(k[len(root) + 1:] for k in fs.find(root))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        from e2e.conftest import stop_group
+
+        stop_group(self.proc)

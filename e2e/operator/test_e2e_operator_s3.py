@@ -45,7 +45,7 @@ from e2e.operator.conftest import (
 )
 from e2e.s3 import BUCKET, SeaweedFS
 
-MAX_STEPS = 250
+MAX_STEPS = 200
 SAVE_STEPS = 10
 
 

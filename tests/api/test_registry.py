@@ -78,7 +78,8 @@ out = {
     "wrongFormat": [str(p) for p in validate_object(job("preference"))],
     "blockOnSft": [str(p) for p in validate_object(job("text", stage_type="sft"))],
 }
-run = render_stage_run(FineTuneJob.model_validate(job("text")), 0, "file://" + sys.argv[2])
+# no metrics endpoint: the default port (9310) is the same for every trainer, and another test's may hold it
+run = render_stage_run(FineTuneJob.model_validate(job("text")), 0, "file://" + sys.argv[2], metrics_port=0)
 (__import__("pathlib").Path(sys.argv[2]) / "stagerun.json").write_text(run.model_dump_json(by_alias=True))
 from kubetune_trainer.launch import main
 out["exitCode"] = main([sys.argv[2] + "/stagerun.json"])

@@ -82,6 +82,24 @@ def stop_group(proc: subprocess.Popen[bytes] | None, grace: float = 30) -> None:
         proc.wait()
 
 
+def serving_certificate(folder: Path, ca_name: str) -> bytes:
+    """A CA named `ca_name` and a serving certificate for 127.0.0.1 signed by it (tls.crt, tls.key) in
+    `folder`: what a webhook server on this machine serves; the CA's PEM (the webhooks' caBundle)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "ca.key"),
+            "-out", str(folder / "ca.crt"), "-days", "30", "-subj", f"/CN={ca_name}")
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "tls.key"),
+            "-out", str(folder / "tls.csr"), "-subj", "/CN=127.0.0.1")
+    (folder / "tls.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", str(folder / "tls.csr"), "-CA", str(folder / "ca.crt"), "-CAkey",
+            str(folder / "ca.key"), "-CAcreateserial", "-days", "30", "-sha256", "-extfile", str(folder / "tls.ext"),
+            "-out", str(folder / "tls.crt"))
+    return (folder / "ca.crt").read_bytes()
+
+
 def go_module_dir(module: str) -> Path:
     """The folder of a Go module (`path@version`) in Go's module cache, downloaded through the
     module proxy when it is not there yet. A failure fails the test: a module the tests need is

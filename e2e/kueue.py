@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.conftest import REPO, Cluster, free_port, go_module_dir, stop_group
+from e2e.conftest import REPO, Cluster, free_port, go_module_dir, serving_certificate, stop_group
 
 MODULE = "sigs.k8s.io/kueue"
 NAMESPACE = "kueue-system"
@@ -41,23 +41,6 @@ def version() -> str:
         if MODULE in parts:
             return parts[parts.index(MODULE) + 1]
     raise AssertionError("e2e/cluster/modules/kueue/go.mod does not require sigs.k8s.io/kueue")
-
-
-def _certificate(folder: Path) -> bytes:
-    """A CA and a serving certificate for 127.0.0.1 signed by it (tls.crt, tls.key); the CA's PEM."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-    openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "ca.key"),
-            "-out", str(folder / "ca.crt"), "-days", "30", "-subj", "/CN=kueue-e2e-ca")
-    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(folder / "tls.key"),
-            "-out", str(folder / "tls.csr"), "-subj", "/CN=127.0.0.1")
-    (folder / "tls.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", str(folder / "tls.csr"), "-CA", str(folder / "ca.crt"), "-CAkey",
-            str(folder / "ca.key"), "-CAcreateserial", "-days", "30", "-sha256", "-extfile", str(folder / "tls.ext"),
-            "-out", str(folder / "tls.crt"))
-    return (folder / "ca.crt").read_bytes()
 
 
 def _webhooks(source: Path, port: int, ca: bytes) -> list[dict[str, Any]]:
@@ -96,7 +79,7 @@ class Kueue:
         self.cluster.apply_crds(*crds)
         self.cluster.kubectl("create", "namespace", NAMESPACE, check=False)
         certs = self.root / "certs"
-        ca = _certificate(certs)
+        ca = serving_certificate(certs, "kueue-e2e-ca")
         webhook, health, metrics = free_port(), free_port(), free_port()
         config = self.root / "config.yaml"
         config.write_text(yaml.safe_dump({

@@ -296,8 +296,8 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
 
 
 def mark_ready(api: client.ApiClient, resource: tuple[str, str, str], namespace: str, name: str) -> dict[str, Any]:
-    """Write the status KServe's controller writes once the (LLM)InferenceService `name` serves (no
-    KServe controller runs here) and wait for the ModelAdapter of that name to mirror it, through
+    """Write the status KServe's controller writes once the (LLM)InferenceService `name` serves (for
+    tests run without it; test_e2e_operator_kserve.py runs it) and wait for the ModelAdapter of that name to mirror it, through
     the service's watch event or the adapter's resync timer (RESYNC_SECONDS) when the watch missed
     it. Returns the Ready adapter."""
     url = f"http://{name}.{namespace}.example.com"
@@ -386,6 +386,19 @@ def in_mount_namespace(command: list[str], writable: list[Path], read_only: list
     return ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _MOUNTS, paths, *command]
 
 
+def image_entrypoint(image: str) -> list[str]:
+    """The ENTRYPOINT of the kubetune image `image` names (its repository's last part: trainer,
+    serving, operator), read from its Dockerfile: a container without a command runs it."""
+    name = image.rsplit("/", 1)[-1].split(":")[0].split("@")[0]
+    dockerfile = {"trainer": "trainer-image", "serving": "serving", "operator": "operator"}.get(name)
+    if dockerfile is None:
+        pytest.fail(f"the stand-in kubelet knows the entrypoints of kubetune's images only, not {image}")
+    for line in (REPO / dockerfile / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENTRYPOINT "):
+            return list(json.loads(line.removeprefix("ENTRYPOINT ")))
+    pytest.fail(f"{dockerfile}/Dockerfile has no ENTRYPOINT")
+
+
 @dataclass
 class Kubelet:
     """Runs pods for real on this machine, as the kubelet would, and reports them in pod status."""
@@ -397,6 +410,9 @@ class Kubelet:
     # The pods' node-local ports on this machine: each rendezvous port a PyTorchJob's pods name
     # (the same in every job) maps to a free port here, so runs side by side do not collide.
     ports: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # The ports a pod's container declares (containerPort), each a free port here, where a pod
+    # network would give every pod the same numbers on an address of its own: (ns, pod, port) -> port.
+    container_ports: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
     def start(self, namespace: str, name: str, *, pod_ip: str | None = None) -> None:
         """Start the pod's (single) container as a local process; optionally give the pod this IP."""
@@ -411,10 +427,21 @@ class Kubelet:
         fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
 
         def local(value: str) -> str:
+            """`value` with the mount path it is, or ends in after a `=` (`--flag=PATH`, `name=PATH`), on this machine."""
             for path, target in sorted(mounts.items(), key=lambda m: -len(m[0])):
-                if value == path or value.startswith(path + "/"):
-                    return str(target) + value[len(path):]
+                head, eq, tail = value.rpartition("=") if value.rpartition("=")[2].startswith("/") else ("", "", value)
+                if tail == path or tail.startswith(path + "/"):
+                    return head + eq + str(target) + tail[len(path):]
             return value
+
+        ports = {int(p["containerPort"]): free_port() for p in container.get("ports") or []}
+        for port, here in ports.items():
+            self.container_ports[(namespace, name, port)] = here
+
+        def port_arg(value: str) -> str:
+            """`--flag=PORT` of a declared container port, with the port it has here."""
+            head, eq, tail = value.rpartition("=")
+            return head + eq + str(ports[int(tail)]) if eq and tail.isdigit() and int(tail) in ports else value
 
         env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "HOME": str(root), "LANG": "C.UTF-8",
                "HF_HUB_OFFLINE": "1", "KUBETUNE_CACHE": str(root / "cache"),
@@ -429,7 +456,8 @@ class Kubelet:
             elif "valueFrom" in e and (value := self._value_from(namespace, pod, e)) is not None:
                 env[e["name"]] = value
         env["KUBETUNE_PVC_ROOT"] = str(self.pvc_root)
-        command = [sys.executable if c == "python" else local(c) for c in container["command"] + container.get("args", [])]
+        command = [sys.executable if c == "python" else port_arg(local(c))
+                   for c in (container.get("command") or image_entrypoint(container["image"])) + container.get("args", [])]
         termination_log.write_text("")  # a replacement pod of the same name starts with none
         command = in_mount_namespace(
             command, writable=[p for p, ro in read_only.items() if not ro] + [termination_log],
@@ -448,6 +476,36 @@ class Kubelet:
                 {"op": "replace", "path": "/status/podIPs", "value": [{"ip": pod_ip}]},
             ])
 
+    def serve(self, namespace: str, name: str, timeout: float = 300) -> int:
+        """Start a serving pod and mark it Ready once its readinessProbe (an httpGet) answers 200, as
+        the kubelet's prober does; the port its server listens on here."""
+        self.start(namespace, name)
+        core = client.CoreV1Api(self.api)
+        (container,) = core.read_namespaced_pod(name, namespace).spec.containers
+        probe = container.readiness_probe.http_get
+        port = self.container_ports[(namespace, name, int(probe.port))]
+        proc, _, log, _ = self.procs[f"{namespace}/{name}"]
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"serving pod {namespace}/{name} exited {proc.returncode}: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe.path}", timeout=5) as rsp:
+                    return bool(rsp.status == 200)
+            except OSError:
+                return False
+        wait_for(f"pod {name}'s readiness probe {probe.path}", answers, timeout=timeout, interval=1)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        pod = self.api.sanitize_for_serialization(core.read_namespaced_pod(name, namespace))
+        conditions = [{**c, "status": "True", "lastTransitionTime": now}
+                      if c["type"] in ("Ready", "ContainersReady") else c for c in pod["status"]["conditions"]]
+        statuses = [{**c, "ready": True, "started": True} for c in pod["status"]["containerStatuses"]]
+        core.patch_namespaced_pod_status(name, namespace, [
+            {"op": "replace", "path": "/status/conditions", "value": conditions},
+            {"op": "replace", "path": "/status/containerStatuses", "value": statuses},
+        ])
+        return port
+
     def _mounts(self, namespace: str, pod: dict[str, Any], container: dict[str, Any],
                 root: Path) -> tuple[dict[str, Path], dict[Path, bool]]:
         """(mount path -> local folder, local folder -> whether the pod may only read it)."""
@@ -464,7 +522,7 @@ class Kubelet:
                     (folder / key).write_text(text)
                 out[m["mountPath"]], read_only[folder] = folder, True  # the kubelet mounts ConfigMaps read-only
             elif "persistentVolumeClaim" in v:
-                folder = self.pvc_root / v["persistentVolumeClaim"]["claimName"]
+                folder = self.pvc_root / v["persistentVolumeClaim"]["claimName"] / m.get("subPath", "")
                 ro = bool(m.get("readOnly") or v["persistentVolumeClaim"].get("readOnly"))
                 out[m["mountPath"]], read_only[folder] = folder, read_only.get(folder, True) and ro
             elif "emptyDir" in v and m["mountPath"] != "/dev/shm":  # new with each pod, as the kubelet's

@@ -2,8 +2,10 @@
 
     .venv/bin/python -m pytest e2e/operator/test_e2e_operator_serving.py
 
-No KServe controller runs here: where a test needs an InferenceService to become Ready, it
-writes the status KServe's controller would (Ready=True and a URL).
+These tests run without KServe's controller: where one needs an InferenceService to become
+Ready, it writes the status KServe's controller would (Ready=True and a URL). The controller
+itself runs in test_e2e_operator_kserve.py (e2e/kserve.py), which takes over every
+InferenceService while it runs.
 """
 
 from __future__ import annotations

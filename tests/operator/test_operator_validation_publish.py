@@ -116,6 +116,24 @@ def test_a_merged_model_gets_its_own_vllm_inferenceservice() -> None:
     assert model["resources"]["limits"] == {"nvidia.com/gpu": "2"}
 
 
+def test_names_in_long_namespaces_leave_kserve_a_host_label_of_at_most_63_characters() -> None:
+    """KServe (RawDeployment) names the predictor's host `<name>-predictor-<namespace>` and refuses to
+    reconcile an InferenceService where that is longer than 63 characters: seen with its real
+    controller, a shared server `models-demo-pretrain-0c224e` in a 30-character namespace."""
+    def named(name: str, namespace: str, **spec: Any) -> ModelAdapter:
+        return ModelAdapter.model_validate({"metadata": {"name": name, "namespace": namespace}, "spec": spec})
+
+    for namespace in ("test-e2e-operator-kserve-81048", "team-" + "x" * 35):
+        shared = named("puzzles", namespace, baseModelUri="pvc://models/demo/pretrain", adapterUri="pvc://models/demo/sft")
+        whole = named("a-model-adapter-with-a-long-name", namespace, mergedUri="pvc://models/demo/sft")
+        for a in (shared, whole):
+            name = kserve.service_name(a)
+            assert len(f"{name}-predictor-{namespace}") <= 63, name
+            assert name == kserve.service_name(a)  # the same every time
+    short = named("a-model-adapter-with-a-long-name", "ns", mergedUri="pvc://models/demo/sft")
+    assert kserve.service_name(short) == "a-model-adapter-with-a-long-name"  # short namespaces: as before
+
+
 def test_a_lora_rank_vllm_does_not_take_is_rendered_as_the_next_it_does() -> None:
     """vLLM refuses to start with --max-lora-rank 12 (it takes 1, 8, 16, 32, 64, ...): 12 is served as 16."""
     a = adapter("support", baseModelUri="hf://meta-llama/Llama-3.2-1B", adapterUri="pvc://models/support/sft",

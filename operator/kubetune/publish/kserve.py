@@ -44,6 +44,10 @@ GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservice
 API_VERSION = f"{GROUP}/{VERSION}"
 # KServe derives Deployment, Service and Knative names from the InferenceService's.
 MAX_NAME = 45
+# In RawDeployment mode KServe makes the predictor's host name `<name>-predictor-<namespace>` (its
+# default domain template) and refuses to reconcile an InferenceService where that label is longer
+# than a DNS label's 63 characters: the name is cut further in long namespaces, down to MIN_NAME.
+HOST_LABEL, PREDICTOR_INFIX, MIN_NAME = 63, "-predictor-", 12
 LABEL_BASE_MODEL = f"{KUBETUNE_GROUP}/base-model"
 LABEL_ADAPTER = f"{KUBETUNE_GROUP}/modeladapter"
 STORAGE_INITIALIZER = "kserve/storage-initializer:v0.15.2"
@@ -91,15 +95,21 @@ def base_key(base_uri: str) -> str:
     return short_hash(base_uri, 16)
 
 
+def max_name(namespace: str | None) -> int:
+    """The longest InferenceService name KServe reconciles in `namespace` (see HOST_LABEL)."""
+    return max(MIN_NAME, min(MAX_NAME, HOST_LABEL - len(PREDICTOR_INFIX) - len(namespace or "")))
+
+
 def service_name(adapter: ModelAdapter) -> str:
     """The (LLM)InferenceService that serves `adapter`: its own, or its base model's shared one."""
+    longest = max_name(adapter.metadata.namespace)
     if is_shared(adapter):
         base = adapter.spec.base_model_uri or ""
         slug = re.sub(r"[^a-z0-9]+", "-", base.split("://", 1)[-1].lower()).strip("-")[-30:].strip("-") or "base"
         serving = adapter.spec.serving  # one shared server per base, runtime and API
         key = base + "".join(f"#{v}" for v in (serving.runtime, serving.api) if v not in ("vllm", "inferenceService"))
-        return child_name(f"{slug}-{short_hash(key, 6)}", max_length=MAX_NAME)
-    return child_name(adapter.metadata.name, max_length=MAX_NAME)
+        return child_name(f"{slug}-{short_hash(key, 6)}", max_length=longest)
+    return child_name(adapter.metadata.name, max_length=longest)
 
 
 def unsupported_uri(adapter: ModelAdapter) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from kubetune.api import StageRun
 from kubetune_trainer import models
 from trainer_helpers import Trainer, report, weights
 
@@ -97,3 +98,39 @@ def test_packing(trainer: Trainer, pretrained: tuple[Path, dict[str, Any]], fmt:
     assert metrics["globalStep"] == 3 and 0 < metrics["trainLoss"] < 10
     # packed sequences hold several rows: 3 steps of 16 sequences saw far more than 16 rows' worth of tokens
     assert metrics["tokensSeen"] > 3 * 16 * 20
+    # on CPU the fast path is fused AdamW alone (what it runs is written down)
+    assert metrics["fastPath"] == {"fusedAdamW": True, "liger": False, "flashAttention": False, "packing": False}
+
+
+def fast_path_of(trainer: Trainer, type_: str, fmt: str, data: str, **hp: Any) -> models.FastPath:
+    run = StageRun.model_validate(trainer.stage_run("fast", type_, fmt, data, model="/models/base", hp=hp))
+    return models.fast_path(run)
+
+
+def test_the_fast_path_turns_on_what_the_node_has_and_is_off_with_its_switch(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decision alone (no GPU here: bench/gpu.py measures it on one). On CPU: fused AdamW only. On CUDA
+    with liger-kernel and flash-attn installed: everything, packing for SFT only, Liger and flash attention
+    for text models only, flash attention only in 16 bits; fastPath false: nothing, fused AdamW included."""
+    from kubetune_trainer import common
+    from trl import SFTConfig
+
+    cpu = fast_path_of(trainer, "sft", "promptCompletion", "sft")
+    assert cpu == models.FastPath(fused_adamw=True, liger=False, flash_attention=False, packing=False)
+    run = trainer.stage_run("fast", "sft", "promptCompletion", "sft", model="/models/base", hp={"fastPath": False})
+    args = common.training_args(StageRun.model_validate(run), common.Context(out=trainer.root / "fast"), SFTConfig)
+    assert (args.optim, args.use_liger_kernel) == ("adamw_torch", False)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models, "installed", lambda package: package in ("liger_kernel", "flash_attn"))
+    assert fast_path_of(trainer, "sft", "promptCompletion", "sft", precision="bf16") == models.FastPath(
+        fused_adamw=True, liger=True, flash_attention=True, packing=True)
+    assert fast_path_of(trainer, "dpo", "preference", "preference", precision="bf16") == models.FastPath(
+        fused_adamw=True, liger=True, flash_attention=True, packing=False)
+    assert fast_path_of(trainer, "sft", "promptCompletion", "sft", precision="fp32").flash_attention is False
+    assert fast_path_of(trainer, "sft", "promptCompletion", "sft", precision="bf16", fastPath=False) == models.FastPath(
+        fused_adamw=False, liger=False, flash_attention=False, packing=False)
+    monkeypatch.setattr(models, "installed", lambda package: False)
+    assert fast_path_of(trainer, "sft", "promptCompletion", "sft", precision="bf16") == models.FastPath(
+        fused_adamw=True, liger=False, flash_attention=False, packing=False)

@@ -154,6 +154,7 @@ def training_args(run: StageRun, ctx: Context, config_cls: type, evaluate: bool 
     `evaluate`: there is an eval dataset (see `eval_dataset`) to score every evalSteps steps."""
     hp = run.hyperparameters
     dtype = models.compute_dtype(hp.precision)
+    fast = models.fast_path(run)
     kwargs: dict[str, Any] = dict(
         output_dir=str(ctx.out),
         num_train_epochs=hp.epochs,
@@ -185,6 +186,8 @@ def training_args(run: StageRun, ctx: Context, config_cls: type, evaluate: bool 
         deepspeed=deepspeed_config(run),
         eval_strategy="steps" if evaluate else "no",
         eval_steps=hp.eval_steps if evaluate else None,
+        optim="adamw_torch_fused" if fast.fused_adamw else "adamw_torch",
+        use_liger_kernel=fast.liger,
     )
     kwargs.update(recipe)
     return config_cls(**kwargs)
@@ -328,6 +331,7 @@ def report(
         "before": before,
         "after": after,
         "sample": sample,
+        "fastPath": models.fast_path(run).as_dict(),
         **({"rl": rl} if rl else {}),
         "metrics": flat,
     }

@@ -333,6 +333,37 @@ def init_of(run: StageRun) -> ModelInit:
     return run.model_init
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """The speed-ups a stage uses (hyperparameters.fastPath), each only where it computes what the
+    plain path does: where the node has it, and its package is installed."""
+
+    fused_adamw: bool  # torch's fused AdamW (transformers' default on torch >= 2.8; off: the loop over tensors)
+    liger: bool  # on CUDA: Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy kernels (liger-kernel)
+    flash_attention: bool  # on CUDA, bf16/fp16, text models: FlashAttention-2 (flash-attn)
+    packing: bool  # SFT packs examples padding-free by default (each keeps its positions): exact with flash attention
+
+    def as_dict(self) -> dict[str, bool]:
+        return {"fusedAdamW": self.fused_adamw, "liger": self.liger, "flashAttention": self.flash_attention,
+                "packing": self.packing}
+
+
+def installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def fast_path(run: StageRun) -> FastPath:
+    """What hyperparameters.fastPath turns on for this stage on this node."""
+    hp = run.hyperparameters
+    cuda_text = hp.fast_path and torch.cuda.is_available() and run.info.modality == "text"
+    flash = (cuda_text and compute_dtype(hp.precision) in (torch.bfloat16, torch.float16)
+             and installed("flash_attn"))
+    return FastPath(fused_adamw=hp.fast_path, liger=cuda_text and installed("liger_kernel"),
+                    flash_attention=flash, packing=flash and run.type == "sft")
+
+
 def load_model(run: StageRun, processing_class: Any, head: str | None = None, uri: str | None = None) -> Any:
     """The model a stage trains: from `uri` (default: run.modelUri) or built from run.modelInit.
 
@@ -341,12 +372,15 @@ def load_model(run: StageRun, processing_class: Any, head: str | None = None, ur
     spec = head_of(run, head)
     cls, extra = spec.cls(), dict(spec.kwargs)
     uri = uri or run.model_uri
+    if fast_path(run).flash_attention:
+        extra["attn_implementation"] = "flash_attention_2"
     if uri is None:
         init = init_of(run)
         config = init_config(init, processing_class)
+        attention = extra.pop("attn_implementation", None)
         for k, v in extra.items():
             setattr(config, k, v)
-        model = cls.from_config(config)
+        model = cls.from_config(config, **({"attn_implementation": attention} if attention else {}))
         log.info("Initialised model architecture=%s parameters=%d", init.architecture, count_parameters(model))
         return model
     path = str(storage.local_path(uri))

@@ -308,7 +308,9 @@ class Hyperparameters(KubeModel):
         description=f"Text stages only: longest tokenized example, longer ones are truncated (default {DEFAULT_MAX_LENGTH}).",
     )
     packing: bool | None = Field(
-        default=None, description="Text stages only: pack several examples into each sequence of maxLength tokens (default false).",
+        default=None,
+        description="Text stages only: pack several examples into each sequence of maxLength tokens, each keeping its "
+                    "positions (default: on for SFT where the fast path has FlashAttention-2, off elsewhere).",
     )
     warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Fraction of the steps spent warming the learning rate up.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -321,6 +323,12 @@ class Hyperparameters(KubeModel):
     logging_steps: int = Field(default=5, ge=1, le=100000, description="Report metrics every this many steps.")
     eval_steps: int | None = Field(default=None, ge=1, le=100000000, description="Evaluate on held-out data every this many steps.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass to save memory.")
+    fast_path: bool = Field(
+        default=True,
+        description="Speed-ups that compute what the plain path does, each where the node has it: torch's fused AdamW; "
+                    "on CUDA, Liger's fused kernels (liger-kernel installed), FlashAttention-2 for text models (flash-attn "
+                    "installed) and with it SFT packing by default. false turns them all off.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto", description="Compute precision; auto is bf16 on GPUs that have it and fp32 on CPU."
     )

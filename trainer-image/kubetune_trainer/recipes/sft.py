@@ -9,7 +9,9 @@ Supervised fine-tuning with TRL's SFTTrainer on one of three formats:
                       kubetune's ChatML); the loss on assistant turns only (sft.completionOnlyLoss)
 
 `hyperparameters.packing` packs examples into maxLength sequences (TRL's best-fit-decreasing,
-padding-free: each example keeps its own positions). Held-out figure: exact-match accuracy of
+padding-free: each example keeps its own positions). Left unset, it is on where the fast path has
+FlashAttention-2 (CUDA), whose variable-length kernels keep packed examples apart exactly, and off
+elsewhere. Held-out figure: exact-match accuracy of
 greedy answers to held-out prompts (exactMatch), before and after, plus one sample answer.
 """
 
@@ -68,7 +70,7 @@ def run(run: StageRun, ctx: Context) -> dict[str, Any]:
     args = common.training_args(
         run, ctx, SFTConfig, evaluate=eval_rows is not None,
         max_length=common.max_length(run),
-        packing=bool(hp.packing),
+        packing=hp.packing if hp.packing is not None else models.fast_path(run).packing,
         completion_only_loss=spec.completion_only_loss if fmt == "promptCompletion" else None,
         assistant_only_loss=spec.completion_only_loss and fmt == "messages",
     )

@@ -118,7 +118,9 @@ def prepare(root: Path, s: Settings) -> tuple[Path, Path, Path, int]:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     model_dir = root / "model"
     tokenizer.save_pretrained(model_dir)
-    config = LlamaConfig(**{**shape, "vocab_size": len(tokenizer)}, max_position_embeddings=max(4096, s.seq),
+    # the embedding keeps the shape's vocabulary (a corpus this small gives BPE fewer merges), as a 1B model's has
+    config = LlamaConfig(**{**shape, "vocab_size": max(shape["vocab_size"], len(tokenizer))},
+                         max_position_embeddings=max(4096, s.seq),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(s.seed)

@@ -12,6 +12,7 @@ default folder is used (started if it is not up) and left running afterwards.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 from kubernetes import client, config
 
 from e2e.s3 import SeaweedFS
@@ -201,6 +203,62 @@ class Cluster:
         cfg.api_key = {"authorization": token.status.token}
         cfg.api_key_prefix = {"authorization": "Bearer"}
         return client.ApiClient(cfg)
+
+
+def webhook_url(hook: dict[str, Any], port: int, ca: bytes) -> dict[str, Any]:
+    """A webhook of a manager's manifests, calling https://127.0.0.1:<port><its service path> with `ca`:
+    there is no Service network here to reach it through its Service."""
+    path = hook["clientConfig"]["service"]["path"]
+    return {**hook, "clientConfig": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": base64.b64encode(ca).decode()}}
+
+
+@dataclass
+class Manager:
+    """A controller manager built from its Go module and run here against the local cluster (Kueue's,
+    KServe's), with webhook configurations that call it: started and waited for, then stopped,
+    its webhooks first (with failurePolicy Fail they would refuse their objects once nothing
+    answers)."""
+
+    cluster: Cluster
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+    name = "manager"
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    @property
+    def hooks(self) -> Path:
+        return self.root / "webhooks.yaml"
+
+    def launch(self, command: list[str], env: dict[str, str], health: int, webhooks: list[dict[str, Any]],
+               timeout: float) -> None:
+        """Start `command`, wait until /readyz on `health` answers, then install `webhooks`."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self._ready(health):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"{self.name} did not get ready (exit {self.proc.returncode}): {self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        self.hooks.write_text(yaml.safe_dump_all(webhooks))
+        self.cluster.kubectl("apply", "-f", str(self.hooks))
+
+    @staticmethod
+    def _ready(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as rsp:
+                return bool(rsp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.hooks.exists():
+            self.cluster.kubectl("delete", "--ignore-not-found", "-f", str(self.hooks), check=False)
+        stop_group(self.proc)
 
 
 def _script(name: str, *args: str, capture: bool = False, env: dict[str, str] | None = None) -> str:

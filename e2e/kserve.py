@@ -19,20 +19,13 @@ is started per test module and stopped, webhooks first, at the module's end.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import subprocess
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from e2e.conftest import KSERVE, Cluster, free_port, go_module_dir, serving_certificate, stop_group
+from e2e.conftest import KSERVE, Manager, free_port, go_module_dir, serving_certificate, webhook_url
 
 NAMESPACE = "kserve"  # the controller reads its configuration there ($POD_NAMESPACE)
 
@@ -54,23 +47,14 @@ def _webhooks(source: Path, port: int, ca: bytes) -> list[dict[str, Any]]:
     for doc in yaml.safe_load_all(source.read_text()):
         if not doc:
             continue
-        for hook in doc["webhooks"]:
-            path = hook["clientConfig"]["service"]["path"]
-            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": base64.b64encode(ca).decode()}
+        doc["webhooks"] = [webhook_url(hook, port, ca) for hook in doc["webhooks"]]
         doc["metadata"]["name"] = f"kserve-e2e-{doc['metadata']['name']}"
         out.append(doc)
     return out
 
 
-@dataclass
-class KServe:
-    cluster: Cluster
-    root: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.root / "kserve.log"
+class KServe(Manager):
+    name = "kserve"
 
     def start(self, timeout: float = 120) -> None:
         module = go_module_dir(KSERVE)
@@ -81,34 +65,9 @@ class KServe:
         tmp = self.root / "tmp"  # controller-runtime's webhook server reads $TMPDIR/k8s-webhook-server/serving-certs
         ca = serving_certificate(tmp / "k8s-webhook-server" / "serving-certs", "kserve-e2e-ca")
         webhook, health, metrics = free_port(), free_port(), free_port()
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(self.cluster.bin_dir / "kserve"), f"--kubeconfig={self.cluster.kubeconfig}",
-                 f"--webhook-port={webhook}", f"--health-probe-addr=127.0.0.1:{health}",
-                 f"--metrics-addr=127.0.0.1:{metrics}"],
-                env={**os.environ, "POD_NAMESPACE": NAMESPACE, "TMPDIR": str(tmp)},
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self._ready(health):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"KServe did not get ready (exit {self.proc.returncode}): {self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        hooks = self.root / "webhooks.yaml"
-        hooks.write_text(yaml.safe_dump_all(_webhooks(module / "config" / "webhook" / "manifests.yaml", webhook, ca)))
-        self.cluster.kubectl("apply", "-f", str(hooks))
-
-    @staticmethod
-    def _ready(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as rsp:
-                return bool(rsp.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Remove the webhooks first (they would refuse every InferenceService once nothing answers them), then the manager."""
-        hooks = self.root / "webhooks.yaml"
-        if hooks.exists():
-            self.cluster.kubectl("delete", "--ignore-not-found", "-f", str(hooks), check=False)
-        stop_group(self.proc)
+        self.launch(
+            [str(self.cluster.bin_dir / "kserve"), f"--kubeconfig={self.cluster.kubeconfig}",
+             f"--webhook-port={webhook}", f"--health-probe-addr=127.0.0.1:{health}",
+             f"--metrics-addr=127.0.0.1:{metrics}"],
+            {"POD_NAMESPACE": NAMESPACE, "TMPDIR": str(tmp)},
+            health, _webhooks(module / "config" / "webhook" / "manifests.yaml", webhook, ca), timeout)

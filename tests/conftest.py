@@ -59,6 +59,7 @@ GROUP_SECONDS = {
     "tests/local/test_runner_pipeline.py": 82, "tests/local/test_runner.py": 81,
     "tests/trainer/test_preference_recipes.py": 74, "tests/serving/test_serve_clip.py": 65,
     "tests/trainer/test_peft_methods.py": 65, "tests/serving/test_serve.py": 64, "tests/bench/test_bench_gpu.py": 50,
+    "tests/bench/test_bench_trainer_cpu.py": 40,
 }
 
 

@@ -36,6 +36,6 @@ def test_the_gpu_benchmark_runs_every_case_at_the_tiny_size(tmp_path: Path) -> N
     assert text.count("\n| sft |") == 3 and text.count("\n| dpo |") == 3
     report = tmp_path / "benchmarks.md"
     report.write_text("# Benchmarks\n\n## Trainer on one GPU\n\nstale\n\n## Later\n\nkept\n")
-    gpu.write(report, f"{gpu.SECTION}\n\n{text}\n")
+    gpu.write_section(report, f"{gpu.SECTION}\n\n{text}\n")
     written = report.read_text()
     assert written.count(gpu.SECTION) == 1 and "stale" not in written and "## Later\n\nkept" in written

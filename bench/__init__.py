@@ -3,6 +3,8 @@ docs/benchmarks.md (`write_section`), leaving the others as they are."""
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -22,3 +24,12 @@ def write_section(path: Path, text: str) -> None:
         return
     end = old.find("\n## ", m.start())
     path.write_text(old[:m.start()] + new + (old[end:] if end >= 0 else ""))
+
+
+def machine() -> str:
+    """This machine in words: cores, processor, memory, Python."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+    gib = f", {int(mem.group(1)) / 2**20:.0f} GiB memory" if mem else ""
+    return f"{os.cpu_count()} CPU cores ({cpu}){gib}, Python {platform.python_version()}"

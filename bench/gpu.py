@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import write_section
+from bench import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Trainer on one GPU"
@@ -198,14 +197,9 @@ def plain(stage: str, model_dir: Path, rows: Path, out: Path, s: Settings) -> di
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    state = trainer.state
-    return {"tokens": int(state.num_input_tokens_seen or 0), "trainSeconds": last_log(asdict_state(state), "train_runtime"),
-            "peakGpuMemoryBytes": torch.cuda.max_memory_allocated() if cuda else None,
-            "losses": losses_of(asdict_state(state))}
-
-
-def asdict_state(state: Any) -> dict[str, Any]:
-    return {"log_history": list(state.log_history)}
+    history = {"log_history": trainer.state.log_history}
+    return {"tokens": int(trainer.state.num_input_tokens_seen or 0), "trainSeconds": last_log(history, "train_runtime"),
+            "peakGpuMemoryBytes": torch.cuda.max_memory_allocated() if cuda else None, "losses": losses_of(history)}
 
 
 def kubetune_stagerun(stage: str, model_dir: Path, rows: Path, out: Path, s: Settings, fast: bool) -> dict[str, Any]:
@@ -266,7 +260,7 @@ def card() -> tuple[str, float | None]:
     import torch
 
     if not torch.cuda.is_available():
-        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores): smoke size, no GPU", None
+        return f"{machine()}: the smoke size, no GPU", None
     name = torch.cuda.get_device_name(0)
     return name, next((v for k, v in PEAK_BF16.items() if k in name), None)
 

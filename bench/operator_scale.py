@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import re
 import signal
 import statistics
@@ -45,7 +44,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
-from bench import write_section
+from bench import machine, write_section
 from e2e.accounts import service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -435,13 +434,6 @@ def table(figures: list[Figures]) -> str:
     ]
     head = "| | " + " | ".join(f"N = {f.n}" for f in figures) + " |\n|---|" + "---:|" * len(figures) + "\n"
     return head + "".join(f"| {label} | " + " | ".join(cell(f) for f in figures) + " |\n" for label, cell in rows)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20  # type: ignore[union-attr]
-    return f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB memory, Python {platform.python_version()}"
 
 
 def write(path: Path, figures: list[Figures], command: str, notes: str) -> None:

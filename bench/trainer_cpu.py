@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import write_section
+from bench import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Trainer on CPU"
@@ -408,14 +407,6 @@ def notes(f: Figures) -> str:
         "read every 0.1 s). Goals (issue 16): runner overhead <= 1.10, throughput >= 1.0."
     )
     return textwrap.fill(text, width=100) + "\n"
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
-    gib = f", {int(mem.group(1)) / 2**20:.0f} GiB memory" if mem else ""
-    return f"{os.cpu_count()} CPU cores ({cpu}){gib}, Python {platform.python_version()}"
 
 
 def section(f: Figures, command: str) -> str:

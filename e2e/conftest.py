@@ -239,21 +239,13 @@ class Manager:
             self.proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not self._ready(health):
+        while not answers(f"http://127.0.0.1:{health}/readyz"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"{self.name} did not get ready (exit {self.proc.returncode}): {self.log.read_text()[-3000:]}")
             time.sleep(0.5)
         self.hooks.write_text(yaml.safe_dump_all(webhooks))
         self.cluster.kubectl("apply", "-f", str(self.hooks))
-
-    @staticmethod
-    def _ready(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as rsp:
-                return bool(rsp.status == 200)
-        except OSError:
-            return False
 
     def stop(self) -> None:
         if self.hooks.exists():
@@ -365,12 +357,17 @@ def _exists(read: Callable[[], Any]) -> bool:
     return True
 
 
+def answers(url: str, timeout: float = 2) -> bool:
+    """Whether GET `url` answers 200 (a health, readiness or probe endpoint)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as rsp:
+            return bool(rsp.status == 200)
+    except OSError:
+        return False
+
+
 def healthy(proc: subprocess.Popen[bytes] | None, port: int, log: Path) -> bool:
     """Whether an operator process answers /healthz on `port`; fails the test if it exited."""
     if proc is not None and proc.poll() is not None:
         pytest.fail(f"the operator exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as rsp:
-            return bool(rsp.status == 200)
-    except OSError:
-        return False
+    return answers(f"http://127.0.0.1:{port}/healthz", timeout=1)

@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.accounts import service_account_kubeconfig
 from e2e.conftest import (
-    CHART, KWOK_TOLERATION, REPO, Cluster, free_port, fresh_namespace, healthy, kserve_crd, wait_for,
+    CHART, KWOK_TOLERATION, REPO, Cluster, answers, free_port, fresh_namespace, healthy, kserve_crd, wait_for,
 )
 from kubetune.controllers import modeladapter
 
@@ -428,8 +428,10 @@ class Kubelet:
 
         def local(value: str) -> str:
             """`value` with the mount path it is, or ends in after a `=` (`--flag=PATH`, `name=PATH`), on this machine."""
+            head, eq, tail = value.rpartition("=")
+            if not tail.startswith("/"):
+                head, eq, tail = "", "", value
             for path, target in sorted(mounts.items(), key=lambda m: -len(m[0])):
-                head, eq, tail = value.rpartition("=") if value.rpartition("=")[2].startswith("/") else ("", "", value)
                 if tail == path or tail.startswith(path + "/"):
                     return head + eq + str(target) + tail[len(path):]
             return value
@@ -486,15 +488,11 @@ class Kubelet:
         port = self.container_ports[(namespace, name, int(probe.port))]
         proc, _, log, _ = self.procs[f"{namespace}/{name}"]
 
-        def answers() -> bool:
+        def ready() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"serving pod {namespace}/{name} exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe.path}", timeout=5) as rsp:
-                    return bool(rsp.status == 200)
-            except OSError:
-                return False
-        wait_for(f"pod {name}'s readiness probe {probe.path}", answers, timeout=timeout, interval=1)
+            return answers(f"http://127.0.0.1:{port}{probe.path}", timeout=5)
+        wait_for(f"pod {name}'s readiness probe {probe.path}", ready, timeout=timeout, interval=1)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         pod = self.api.sanitize_for_serialization(core.read_namespaced_pod(name, namespace))
         conditions = [{**c, "status": "True", "lastTransitionTime": now}

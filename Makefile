@@ -103,7 +103,9 @@ clean:
 # `make images` builds the trainer, operator and serving images with podman on a local Debian base
 # (mmdebstrap, cached in ~/.cache/kubetune/images), tagged as the Helm chart's defaults
 # ($(IMAGE_REGISTRY)/<name>:<Chart appVersion>), and prints their sizes; IMAGES picks some of them.
-# `make test-images` runs the image tests of e2e/images against them.
+# `make test-images` runs the image tests of e2e/images against them, among them the real node's
+# (e2e/node.py: containerd, the kubelet and CoreDNS, which `e2e/cluster/build --node-tools` builds;
+# root only).
 IMAGES         ?= operator serving trainer
 IMAGE_REGISTRY ?= ghcr.io/kubetune
 
@@ -114,4 +116,5 @@ images:
 
 test-images: setup tools
 	KUBETUNE_IMAGE_REGISTRY=$(IMAGE_REGISTRY) images/build.sh $(IMAGES)
+	e2e/cluster/build --node-tools
 	KUBETUNE_IMAGE_TESTS=1 KUBETUNE_IMAGE_REGISTRY=$(IMAGE_REGISTRY) $(PYTEST) e2e/images

@@ -21,11 +21,17 @@ from pathlib import Path
 import pytest
 
 from e2e.conftest import REPO
+from e2e.node import NODE_IMAGE
 from kubetune.api import render_stage_run
 from kubetune.local.runner import load_plan
 
 # `pytest e2e` (make e2e) leaves these tests alone; `make test-images` turns them on.
-collect_ignore_glob = [] if os.environ.get("KUBETUNE_IMAGE_TESTS") == "1" else ["test_*.py"]
+IMAGE_TESTS = os.environ.get("KUBETUNE_IMAGE_TESTS") == "1"
+collect_ignore_glob = [] if IMAGE_TESTS else ["test_*.py"]
+if IMAGE_TESTS:
+    # the training-operator's init container for PyTorchJob workers comes from the real node's own
+    # image (e2e/node.py; nothing can be pulled here), given to it when the cluster starts
+    os.environ.setdefault("KUBETUNE_PYTORCH_INIT_IMAGE", NODE_IMAGE)
 
 APP_VERSION = re.search(r'^appVersion:\s*"?([^"\s]+)"?', (REPO / "helm/kubetune/Chart.yaml").read_text(), re.M)[1]
 REGISTRY = os.environ.get("KUBETUNE_IMAGE_REGISTRY", "ghcr.io/kubetune")

@@ -163,3 +163,25 @@ def test_agent_exits_with_the_failed_workers_code(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(torch.distributed.run, "run", failing_torchrun)
     assert launch.main(["--nproc-per-node", "2", "stagerun.json"]) == agent_exit
+
+
+def test_agent_stopped_by_sigterm_exits_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod deleted, drained or preempted gets SIGTERM: torchrun's agent handler turns it into an
+    exception once the workers are stopped; the pod must exit 143 (retryable), not 1 (permanent),
+    or the training-operator never creates it again (seen on a real node: e2e/images/test_real_node.py)."""
+    import os
+    import signal
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+    def terminated_torchrun(args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler torchrun's agent installs
+
+    previous = signal.signal(signal.SIGTERM, _terminate_process_handler)
+    try:
+        monkeypatch.setattr(torch.distributed.run, "run", terminated_torchrun)
+        monkeypatch.setenv("PET_NPROC_PER_NODE", "1")  # what the training-operator gives a CPU stage's pod
+        assert launch.main(["stagerun.json"]) == 128 + signal.SIGTERM == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -274,6 +274,7 @@ def run_stage(path: str) -> int:
 
 def launch_workers(path: str, nproc: int | None) -> int:
     """torchrun in this process (it reads PET_* like torchrun); the first failed worker's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
@@ -291,6 +292,12 @@ def launch_workers(path: str, nproc: int | None) -> int:
         code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
         log.error("Failed worker rank=%d exitCode=%d", rank, code)
         return code if 0 < code < 256 else EXIT_PERMANENT
+    except SignalException as e:
+        # torchrun's agent turns SIGTERM (a pod deleted, drained or preempted) into this exception once
+        # it has stopped the workers; uncaught, the pod would exit 1, a permanent failure, and the
+        # training-operator would not create it again.
+        log.error("Stopped by signal=%s exitCode=%d", e.sigval.name, 128 + e.sigval)
+        return 128 + int(e.sigval)
     return EXIT_OK
 
 

@@ -24,8 +24,10 @@ What it takes on this machine, each found by trying (see FACTS.md for the first 
   (list and watch Services, EndpointSlices, Namespaces and Pods), through a ServiceAccount token.
 
 The containerd root (images, snapshots) is cached in ~/.cache/kubetune/node/ with the image ids it
-holds, so an unchanged image is not imported again; everything else (state, kubelet root, CNI
-addresses, logs) lives in the node's folder and goes with it.
+holds, so an unchanged image is not imported again and a changed one replaces its older version
+(the trainer image takes about 13 GB there: its layers and their unpacked snapshots). Everything
+else (state, kubelet root, CNI addresses, logs) lives in the node's folder and goes with it. One
+node at a time on a machine: its address, bridge and cache are fixed.
 """
 
 from __future__ import annotations
@@ -241,6 +243,10 @@ state = "{state / 'state'}"
             image_id = run("podman", "image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
             if imported.get(ref) == image_id and ref in present:
                 continue
+            # the version it replaces goes first, under both its names (several GB each)
+            for name in (ref, f"sha256:{imported.get(ref)}"):
+                if name in present:
+                    self.ctr("images", "rm", "--sync", name, timeout=600, check=False)
             start = time.monotonic()
             run("bash", "-o", "pipefail", "-c", 'podman save --format docker-archive "$1" | ctr --address "$2" '
                 f'--namespace {CONTAINERD_NS} images import -', "import", ref, str(self.socket), timeout=1800)

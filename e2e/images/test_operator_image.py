@@ -25,7 +25,7 @@ import yaml
 from e2e.conftest import Cluster
 from e2e.images.conftest import image, podman_flags
 from e2e.operator.conftest import (  # noqa: F401  (fixtures, and the pipeline test run with this image)
-    Operator, _cleanup_pvs, namespace, operator_crds, operator_kubeconfig, running_operator, workspace,
+    Operator, _cleanup_pvs, namespace, operator_crds, operator_kubeconfig, run_operator, running_operator, workspace,
 )
 from e2e.operator.test_e2e_operator_pipeline import test_three_stages_run_in_order_and_the_job_succeeds  # noqa: F401
 
@@ -79,15 +79,8 @@ class ImageOperator(Operator):
 
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster, operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = ImageOperator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator-image"), ref=image("operator"))
-    op.start()
-    try:
-        yield op
-    finally:
-        op.stop()
-        print(f"operator log: {op.log}")
-    refused = [line for line in op.log.read_text(errors="replace").splitlines() if "is forbidden: User" in line]
-    assert not refused, f"the chart's RBAC refused the operator:\n{refused[0]}"
+    yield from run_operator(ImageOperator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator-image"),
+                                          ref=image("operator")))
 
 
 def test_operator_image_runs_non_root_on_a_read_only_root_and_answers_its_probe(running_operator: Operator) -> None:

@@ -41,7 +41,8 @@ from e2e.conftest import Cluster, fresh_namespace, wait_for
 from e2e.images.conftest import UID_TRAINER, image, podman_flags
 from e2e.node import NODE_IMAGE, POD_SUBNET, TOLERATION, RealNode, node_tools_dir
 from e2e.operator.conftest import (  # noqa: F401  (fixtures)
-    FTJ, Operator, _cleanup_pvs, bound_pvc, finetunejob, get, operator_crds, operator_kubeconfig, running_operator,
+    FTJ, Operator, _cleanup_pvs, bound_pvc, finetunejob, get, operator_crds, operator_kubeconfig, run_operator,
+    running_operator, running_pod,
 )
 
 MODEL = {"init": {"architecture": "llama", "hiddenSize": 64, "numLayers": 2, "numHeads": 4,
@@ -75,15 +76,7 @@ class NodeOperator(Operator):
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster, operator_kubeconfig: Path, node: RealNode,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = NodeOperator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator"))
-    op.start()
-    try:
-        yield op
-    finally:
-        op.stop()
-        print(f"operator log: {op.log}")
-    refused = [line for line in op.log.read_text(errors="replace").splitlines() if "is forbidden: User" in line]
-    assert not refused, f"the chart's RBAC refused the operator:\n{refused[0]}"
+    yield from run_operator(NodeOperator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator")))
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +129,24 @@ def succeeded(api: client.ApiClient, ns: str, name: str, timeout: float = 900) -
     return wait_for(f"FineTuneJob {name} to succeed", done, timeout=timeout, interval=2)
 
 
+def train(api: client.ApiClient, cluster: Cluster, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Apply FineTuneJob `body` and wait for it to succeed."""
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    return succeeded(api, ns, body["metadata"]["name"])
+
+
 def stage_pods(core: client.CoreV1Api, ns: str, job: str) -> list[client.V1Pod]:
     return sorted(core.list_namespaced_pod(ns, label_selector=f"training.kubeflow.org/job-name={job}-pretrain").items,
                   key=lambda p: p.metadata.name)
 
 
-def metrics(root: Path, job: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads((root / "models" / job / "pretrain" / "metrics.json").read_text())
-    return value
+def learned(root: Path, job: str, steps: int) -> tuple[float, float]:
+    """The stage's held-out loss before and after training (metrics.json on the claim), which must
+    have ended at `steps` and fallen by 30 % at least."""
+    m = json.loads((root / "models" / job / "pretrain" / "metrics.json").read_text())
+    before, after = float(m["before"]["evalLoss"]), float(m["after"]["evalLoss"])
+    assert m["globalStep"] == steps and after < 0.7 * before, (m["globalStep"], before, after)
+    return before, after
 
 
 def ran_on_the_node(pod: client.V1Pod, node: RealNode, trainer_image: str) -> None:
@@ -161,8 +164,7 @@ def test_a_one_node_stage_runs_in_the_trainer_image_on_the_real_node_and_learns(
 ) -> None:
     ns, root = workspace
     core = client.CoreV1Api(admin_api)
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pretraining("one", node, nodes=1)))
-    job = succeeded(admin_api, ns, "one")
+    job = train(admin_api, cluster, ns, pretraining("one", node, nodes=1))
 
     (pod,) = stage_pods(core, ns, "one")
     ran_on_the_node(pod, node, image("trainer"))
@@ -175,10 +177,8 @@ def test_a_one_node_stage_runs_in_the_trainer_image_on_the_real_node_and_learns(
     out = root / "models" / "one" / "pretrain"
     assert {"config.json", "model.safetensors", "metrics.json"} <= {p.name for p in out.iterdir()}
     assert (out / "model.safetensors").stat().st_uid == UID_TRAINER
-    m = metrics(root, "one")
-    before, after = m["before"]["evalLoss"], m["after"]["evalLoss"]
+    before, after = learned(root, "one", 60)
     print(f"held-out loss {before:.3f} -> {after:.3f} on {node.name} (pod {pod.metadata.name}, {pod.status.pod_ip})")
-    assert m["globalStep"] == 60 and after < 0.7 * before
     (entry,) = job["status"]["stages"]
     assert entry["state"] == "Succeeded" and entry["step"] == 60
 
@@ -189,8 +189,7 @@ def test_a_two_node_stage_trains_over_gloo_between_two_pods_that_find_each_other
 ) -> None:
     ns, root = workspace
     core = client.CoreV1Api(admin_api)
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pretraining("two", node, nodes=2)))
-    succeeded(admin_api, ns, "two")
+    train(admin_api, cluster, ns, pretraining("two", node, nodes=2))
 
     master, worker = stage_pods(core, ns, "two")
     assert (master.metadata.name, worker.metadata.name) == ("two-pretrain-master-0", "two-pretrain-worker-0")
@@ -212,10 +211,8 @@ def test_a_two_node_stage_trains_over_gloo_between_two_pods_that_find_each_other
         env = {e.name: e.value for e in pod.spec.containers[0].env or []}
         assert (env["MASTER_ADDR"], env["RANK"], env["WORLD_SIZE"]) == ("two-pretrain-master-0", rank, "2"), env
         assert pod.status.phase == "Succeeded" and pod.status.container_statuses[0].state.terminated.exit_code == 0
-    m = metrics(root, "two")
-    before, after = m["before"]["evalLoss"], m["after"]["evalLoss"]
+    before, after = learned(root, "two", 60)
     print(f"two pods ({master.status.pod_ip}, {worker.status.pod_ip}): held-out loss {before:.3f} -> {after:.3f}")
-    assert m["globalStep"] == 60 and after < 0.7 * before
 
 
 def complete_checkpoints(out: Path) -> list[int]:
@@ -256,16 +253,8 @@ def test_a_trainer_pod_deleted_mid_stage_is_created_again_and_resumes_from_its_c
     first_steps = [int(s) for s in re.findall(r"Trained step=(\d+)/", first_log)]
     assert first_steps and max(first_steps) >= newest, first_log[-3000:]
 
-    def replaced() -> client.V1Pod | None:
-        not_failed(admin_api, ns, "deleted")  # a pod that exits 1 on SIGTERM fails the stage for good
-        try:
-            pod = core.read_namespaced_pod(name, ns)
-        except client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return pod if pod.metadata.uid != first_uid else None
-    second = wait_for("the training-operator to create the pod again", replaced, timeout=180, interval=0.5)
+    # the training-operator creates it again (a trainer that exited 1 on SIGTERM would have failed the stage for good)
+    running_pod(core, ns, name, not_uid=first_uid)
     job = succeeded(admin_api, ns, "deleted")
 
     second = core.read_namespaced_pod(name, ns)
@@ -279,7 +268,6 @@ def test_a_trainer_pod_deleted_mid_stage_is_created_again_and_resumes_from_its_c
           f"resumed from checkpoint-{resumed_from}, first step {min(second_steps)}")
     # the newest complete checkpoint: the one before the delete, or one written before SIGTERM reached the trainer
     assert newest <= resumed_from < steps and resumed_from % every == 0 and min(second_steps) == resumed_from + 1
-    m = metrics(root, "deleted")
-    assert m["globalStep"] == steps and m["after"]["evalLoss"] < 0.7 * m["before"]["evalLoss"]
+    learned(root, "deleted", steps)
     (entry,) = job["status"]["stages"]
     assert entry["state"] == "Succeeded" and entry["step"] == steps

@@ -189,7 +189,12 @@ def operator(cluster: Cluster, operator_kubeconfig: Path, tmp_path_factory: pyte
     """One `kubetune operator --all-namespaces` for the tests of this package (tests that kill it
     restart it); stopped when they are done, so it never acts beside the Helm tests' operator.
     A request the chart's RBAC refused, anywhere in its log, fails the run."""
-    op = Operator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator"))
+    yield from run_operator(Operator(cluster, operator_kubeconfig, tmp_path_factory.mktemp("operator")))
+
+
+def run_operator(op: Operator) -> Iterator[Operator]:
+    """The body of an operator fixture: start `op`, yield it, stop it; a request the chart's RBAC
+    refused, anywhere in its log, fails the run."""
     op.start()
     try:
         yield op

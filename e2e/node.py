@@ -370,8 +370,3 @@ state = "{state / 'state'}"
         the pod with `uid` (any pod of that name by default). The kubelet removes them with the pod."""
         files = sorted(self.pod_logs.glob(f"{namespace}_{pod}_{uid}/{container}/*.log"), key=lambda p: p.stat().st_mtime)
         return "".join(f.read_text(errors="replace") for f in files)
-
-    def images(self) -> dict[str, str]:
-        """containerd's images on the node: reference -> digest."""
-        out = self.ctr("images", "ls").stdout.splitlines()[1:]
-        return {line.split()[0]: line.split()[2] for line in out if line.strip()}

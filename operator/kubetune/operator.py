@@ -110,7 +110,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 def ensure_peering(api: client.ApiClient, options: OperatorOptions) -> None:
     """Create the peering object the replicas meet in (kopf needs it to exist)."""
-    custom = client.CustomObjectsApi(api)
+    custom = apiclient.Requests(api)
     body = {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "metadata": {"name": options.peering}}
     try:
         if options.namespaces:

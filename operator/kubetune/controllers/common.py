@@ -53,16 +53,12 @@ def api() -> client.ApiClient:
     return RUNTIME.api
 
 
-def custom() -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api())
+def requests() -> apiclient.Requests:
+    """The handlers' requests (custom resources, core/v1, batch/v1), answered as wire dicts."""
+    return apiclient.Requests(api())
 
 
-def core() -> client.CoreV1Api:
-    return client.CoreV1Api(api())
-
-
-def batch() -> client.BatchV1Api:
-    return client.BatchV1Api(api())
+custom = core = batch = requests  # the kubernetes client's API each call's method is named after
 
 
 # --- locks --------------------------------------------------------------------------------
@@ -88,19 +84,10 @@ def forget(kind: str, namespace: str, name: str) -> None:
 # --- reading and writing ------------------------------------------------------------------
 
 
-def as_dict(obj: Any) -> dict[str, Any]:
-    """A kubernetes-client model or a kopf body as a plain wire dict."""
-    if isinstance(obj, dict):
-        return obj
-    if hasattr(obj, "to_dict"):
-        return cast(dict[str, Any], api().sanitize_for_serialization(obj))  # type: ignore[no-untyped-call]
-    return dict(obj)
-
-
 def get_custom(resource: tuple[str, str, str], namespace: str, name: str) -> dict[str, Any] | None:
     group, version, plural = resource
     try:
-        return cast(dict[str, Any], custom().get_namespaced_custom_object(group, version, namespace, plural, name))
+        return custom().get_namespaced_custom_object(group, version, namespace, plural, name)
     except client.ApiException as e:
         if e.status == 404:
             return None
@@ -109,18 +96,15 @@ def get_custom(resource: tuple[str, str, str], namespace: str, name: str) -> dic
 
 def list_custom(resource: tuple[str, str, str], namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
     group, version, plural = resource
-    if selector:
-        rsp = custom().list_namespaced_custom_object(group, version, namespace, plural, label_selector=selector)
-    else:
-        rsp = custom().list_namespaced_custom_object(group, version, namespace, plural)
-    return cast(list[dict[str, Any]], cast(dict[str, Any], rsp).get("items") or [])
+    rsp = custom().list_namespaced_custom_object(group, version, namespace, plural, label_selector=selector)
+    return cast(list[dict[str, Any]], rsp.get("items") or [])
 
 
 def create_custom(resource: tuple[str, str, str], namespace: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Create `body`, or read the object of that name if it exists: (object, created)."""
     group, version, plural = resource
     try:
-        return cast(dict[str, Any], custom().create_namespaced_custom_object(group, version, namespace, plural, body)), True
+        return custom().create_namespaced_custom_object(group, version, namespace, plural, body), True
     except client.ApiException as e:
         if e.status != 409:
             raise
@@ -135,14 +119,14 @@ def create_core(kind: str, namespace: str, body: dict[str, Any]) -> tuple[dict[s
     name = body["metadata"]["name"]
     try:
         if kind == "ConfigMap":
-            return as_dict(core().create_namespaced_config_map(namespace, cast(Any, body))), True
-        return as_dict(batch().create_namespaced_job(namespace, cast(Any, body))), True
+            return core().create_namespaced_config_map(namespace, body), True
+        return batch().create_namespaced_job(namespace, body), True
     except client.ApiException as e:
         if e.status != 409:
             raise
     if kind == "ConfigMap":
-        return as_dict(core().read_namespaced_config_map(name, namespace)), False
-    return as_dict(batch().read_namespaced_job(name, namespace)), False
+        return core().read_namespaced_config_map(name, namespace), False
+    return batch().read_namespaced_job(name, namespace), False
 
 
 def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
@@ -171,7 +155,7 @@ def patch_status(resource: tuple[str, str, str], body: dict[str, Any], status: d
         if e.status == 409:
             raise kopf.TemporaryError(f"{meta['name']} changed since it was read; reconciling again", delay=1) from None
         raise
-    meta["resourceVersion"] = cast(dict[str, Any], written)["metadata"]["resourceVersion"]
+    meta["resourceVersion"] = written["metadata"]["resourceVersion"]
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

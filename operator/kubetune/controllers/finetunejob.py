@@ -377,7 +377,7 @@ def scrape_running_stage(namespace: str, status: Mapping[str, Any]) -> Scraped |
     if not port or not running:
         return None
     try:
-        pod = common.as_dict(common.core().read_namespaced_pod(backend.master_pod(running), namespace))
+        pod = common.core().read_namespaced_pod(backend.master_pod(running), namespace)
     except client.ApiException:
         return None
     ip = (pod.get("status") or {}).get("podIP")
@@ -434,10 +434,10 @@ def why_pending(namespace: str, child: dict[str, Any]) -> str:
         if scheduled:
             return f"pod {pod['metadata']['name']} is unschedulable: {scheduled.get('message', '')}"
     warnings = common.core().list_namespaced_event(
-        namespace, field_selector=f"involvedObject.kind=PyTorchJob,involvedObject.name={name},type=Warning").items
+        namespace, field_selector=f"involvedObject.kind=PyTorchJob,involvedObject.name={name},type=Warning")
     if warnings:
-        newest = max(warnings, key=lambda e: int(e.metadata.resource_version or 0))
-        return f"{newest.reason}: {newest.message}"
+        newest = max(warnings, key=lambda e: int(e["metadata"].get("resourceVersion") or 0))
+        return f"{newest.get('reason')}: {newest.get('message')}"
     return ""
 
 
@@ -506,8 +506,7 @@ def _old_state(status: dict[str, Any], plan: Plan) -> str | None:
 
 
 def _pods(namespace: str, pytorchjob: str) -> list[dict[str, Any]]:
-    pods = common.core().list_namespaced_pod(namespace, label_selector=f"training.kubeflow.org/job-name={pytorchjob}")
-    return [common.as_dict(p) for p in pods.items]
+    return common.core().list_namespaced_pod(namespace, label_selector=f"training.kubeflow.org/job-name={pytorchjob}")
 
 
 def _write(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:

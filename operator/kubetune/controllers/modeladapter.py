@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from kubernetes import client
@@ -179,8 +179,7 @@ def _apply(namespace: str, service: str, members: list[tuple[ModelAdapter, dict[
     meta["ownerReferences"] = desired["metadata"]["ownerReferences"]
     meta["labels"] = {**(meta.get("labels") or {}), **desired["metadata"]["labels"]}
     group, version, plural = api.resource
-    stored = cast(dict[str, Any], common.custom().replace_namespaced_custom_object(
-        group, version, namespace, plural, service, existing))
+    stored = common.custom().replace_namespaced_custom_object(group, version, namespace, plural, service, existing)
     metrics.INFERENCESERVICES_APPLIED.labels("updated").inc()
     log.info("Updated %s name=%s namespace=%s adapters=%s", api.kind, service, namespace,
              ",".join(m.metadata.name for m, _ in members))

@@ -99,8 +99,7 @@ def _reconcile(body: dict[str, Any]) -> None:
 
 def _report(namespace: str, job_name: str) -> dict[str, Any] | None:
     """The report of the Job's newest finished pod (a succeeded one first)."""
-    pods = [common.as_dict(p) for p in common.core().list_namespaced_pod(
-        namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items]
+    pods = common.core().list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
     pods.sort(key=lambda p: ((p.get("status") or {}).get("phase") == "Succeeded", p["metadata"].get("creationTimestamp") or ""))
     for pod in reversed(pods):
         report = backend.read_report(pod)

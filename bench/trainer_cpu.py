@@ -2,8 +2,11 @@
 
     .venv/bin/python -m bench.trainer_cpu [--steps 100] [--repeat 3] [--threads 1] [--write docs/benchmarks.md]
 
-In a temporary folder: the letter puzzles of kubetune_trainer.data.synthetic (sft/train.jsonl,
-promptCompletion), and one base model both sides start from, a llama pretrained from `model.init`
+In a temporary folder: the letter puzzles of kubetune_trainer.data.synthetic made few-shot (each
+row's prompt holds 0 to `max_shots` solved puzzles before its own, so the rows' lengths spread as
+real SFT data's do, from about 10 to 50 tokens: what padding wastes and packing saves; the plain
+puzzles are all about 11 tokens long, and packing them saved nothing: 0.96x), promptCompletion,
+and one base model both sides start from, a llama pretrained from `model.init`
 by `kubetune run` (not measured). Then, packing off and on, `repeat` times, one process at a time,
 each with the same OMP/MKL threads:
 1. kubetune: `kubetune run` of a FineTuneJob with one sft stage (full fine-tuning of the base);
@@ -68,10 +71,12 @@ class Settings:
     pretrain_steps: int = 30        # of the base model (not measured)
     train_rows: int = 2000          # rows per generated file
     repeat: int = 3                 # runs of each side and packing; the figures are the best
+    max_shots: int = 3              # solved puzzles before each row's own: 0 to max_shots, uniformly
 
 
 TINY = Settings(steps=5, batch_size=4, max_length=32, threads=1, hidden_size=32, num_layers=1, num_heads=2,
-                max_positions=64, vocab_size=300, pretrain_steps=5, train_rows=200, repeat=1)
+                max_positions=64, vocab_size=300, pretrain_steps=5, train_rows=200, repeat=1, max_shots=2)
+SFT_DATA = "fewshot.jsonl"  # in the data folder, written by few_shot
 
 
 @dataclass
@@ -168,7 +173,7 @@ def sft_manifest(s: Settings, base: Path, data: Path, packing: bool) -> dict[str
             "model": {"uri": f"file://{base}"},
             "stages": [{
                 "name": "sft", "type": "sft",
-                "dataset": {"uri": f"file://{data / 'sft' / 'train.jsonl'}", "format": "promptCompletion"},
+                "dataset": {"uri": f"file://{data / SFT_DATA}", "format": "promptCompletion"},
                 "tuning": {"method": "full"},
                 "hyperparameters": {"maxSteps": s.steps, "batchSize": s.batch_size, "maxLength": s.max_length,
                                     "learningRate": s.learning_rate, "seed": s.seed, "packing": packing,
@@ -181,7 +186,7 @@ def sft_manifest(s: Settings, base: Path, data: Path, packing: bool) -> dict[str
 
 def plain_cmd(s: Settings, base: Path, data: Path, out: Path, packing: bool) -> list[str]:
     return [sys.executable, "-m", "bench.trainer_cpu", "--plain", "--model", str(base),
-            "--data", str(data / "sft" / "train.jsonl"), "--out", str(out), "--settings", json.dumps(asdict(s)),
+            "--data", str(data / SFT_DATA), "--out", str(out), "--settings", json.dumps(asdict(s)),
             *(["--packing"] if packing else [])]
 
 
@@ -216,6 +221,20 @@ def plain(model_dir: str, data: str, out: str, s: Settings, packing: bool) -> No
     trainer.train()
     trainer.save_model(out)
     tokenizer.save_pretrained(out)
+
+
+def few_shot(rows: list[dict[str, Any]], max_shots: int, seed: int) -> list[dict[str, Any]]:
+    """Each promptCompletion row behind 0 to `max_shots` other rows, solved ("prompt completion"),
+    one a line: the same task and loss (on the row's own completion), lengths that spread."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i, row in enumerate(rows):
+        shots = [rows[j] for j in rng.sample([j for j in range(len(rows)) if j != i], rng.randint(0, max_shots))]
+        context = "".join(f"{shot['prompt']}{shot['completion']}\n" for shot in shots)
+        out.append({"prompt": context + row["prompt"], "completion": row["completion"]})
+    return out
 
 
 # --- measuring a process --------------------------------------------------------------------
@@ -319,6 +338,9 @@ def run(s: Settings, work: Path, log: Callable[[str], None] = print) -> Figures:
     env = environment(s.threads)
     data, runs_dir = work / "data", work / "runs"
     make_all(data, seed=0, n_train=s.train_rows, n_val=20)
+    with open(data / "sft" / "train.jsonl", encoding="utf-8") as f:
+        rows = few_shot([json.loads(line) for line in f if line.strip()], s.max_shots, s.seed)
+    (data / SFT_DATA).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     figures = Figures(s)
 
     log(f"Training the base model: llama hidden {s.hidden_size}, {s.num_layers} layers, {s.pretrain_steps} steps")
@@ -395,8 +417,9 @@ def notes(f: Figures) -> str:
         f"Both sides fine-tune (full, fp32) the same base model, a llama of hidden size {s.hidden_size}, "
         f"{s.num_layers} layers, {s.num_heads} heads and a {s.vocab_size}-token BPE tokenizer pretrained "
         f"{s.pretrain_steps} steps by `kubetune run` ({f.base_seconds:.0f} s, not measured), on the "
-        f"{s.train_rows} letter puzzles of kubetune_trainer.data.synthetic (sft/train.jsonl, promptCompletion, "
-        f"the loss on completions only): {s.steps} steps of batch {s.batch_size}, maxLength {s.max_length}, "
+        f"{s.train_rows} letter puzzles of kubetune_trainer.data.synthetic (sft/train.jsonl), each behind 0 to "
+        f"{s.max_shots} other puzzles solved (few-shot, so the rows' lengths spread; promptCompletion, the loss "
+        f"on completions only): {s.steps} steps of batch {s.batch_size}, maxLength {s.max_length}, "
         f"lr {s.learning_rate:g}, seed {s.seed}, one checkpoint (at the last step), {s.threads} OMP/MKL "
         f"thread(s), one process at a time, each side and packing {s.repeat} times, the best of them shown "
         "(the least wall time, the least training loop with its tokens and loss, the largest RSS). kubetune: `kubetune run` of a one-stage FineTuneJob (its process tree: "

@@ -14,6 +14,7 @@ Deletion removes the children.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -60,8 +61,8 @@ WAIT_SECONDS = 10.0  # retry delay while a stage waits for its PreferenceDataset
 @kopf.on.resume(*FINETUNEJOBS)
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.update(*FINETUNEJOBS)
-def on_finetunejob(name: str, namespace: str | None, **_: Any) -> None:
-    reconcile(namespace or "", name)
+def on_finetunejob(name: str, namespace: str | None, **kwargs: Any) -> None:
+    reconcile(namespace or "", name, children=kwargs.get(CHILDREN))
 
 
 def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
@@ -69,7 +70,7 @@ def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
     return not (is_true(conditions, r.SUCCEEDED) or is_true(conditions, r.FAILED))
 
 
-def poll_finetunejob(name: str, namespace: str | None, status: Mapping[str, Any], **_: Any) -> None:
+def poll_finetunejob(name: str, namespace: str | None, status: Mapping[str, Any], **kwargs: Any) -> None:
     """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait. The
     trainer's metrics endpoint (up to a second) is read before taking the job's lock, so a slow
     trainer never holds up the job's other reconciles."""
@@ -79,7 +80,7 @@ def poll_finetunejob(name: str, namespace: str | None, status: Mapping[str, Any]
     last = _reconciled.get((namespace, name))
     if scraped is None and waiting and last is not None and time.monotonic() - last < _safety_net:
         return  # a stage that runs or waits for its pods, nothing new read: its PyTorchJob's events wake the job
-    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped))
+    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped, children=kwargs.get(CHILDREN)))
 
 
 def register_timer(interval: float = POLL_SECONDS) -> None:
@@ -94,7 +95,7 @@ def register_timer(interval: float = POLL_SECONDS) -> None:
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
-def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | None, **_: Any) -> None:
+def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | None, **kwargs: Any) -> None:
     """A stage's PyTorchJob changed: reconcile its FineTuneJob, unless nothing the job reads from
     it changed since the last reconcile it woke (the training-operator rewrites its status on
     every pass of its own: lastReconcileTime, replica counts)."""
@@ -110,7 +111,7 @@ def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | 
     # a restart this event shows is counted even if the pods run again by the time reconcile reads the job
     restart = restarted_at(pj)
     restarts = {pj["metadata"]["name"]: restart} if restart else None
-    common.quietly(lambda: reconcile(namespace, owner, restarts=restarts))
+    common.quietly(lambda: reconcile(namespace, owner, restarts=restarts, children=kwargs.get(CHILDREN)))
     if type != "DELETED" and _reconciled.get((namespace, owner)):
         _observed[uid] = seen
 
@@ -121,6 +122,50 @@ _observed: dict[str, tuple[Any, ...]] = {}
 _reconciled: dict[tuple[str, str], float] = {}
 SAFETY_NET_TICKS = 6
 _safety_net = SAFETY_NET_TICKS * POLL_SECONDS
+
+
+@kopf.index(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
+def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """The stages' PyTorchJobs by their FineTuneJob: (namespace, job uid) -> what a reconcile reads of
+    each (name, uid, labels, annotations, owners, runPolicy, status; not the pod templates, which
+    at a thousand jobs would be most of the operator's memory). kopf keeps it from the PyTorchJob
+    watch and starts no handler before it holds every PyTorchJob, so a reconcile reads its job's
+    stages here instead of listing them (a list of a custom resource by label is a read of every
+    PyTorchJob in the namespace from etcd, on every reconcile: quadratic in the jobs). It can
+    trail the API server by a watch event: a stage created a moment ago and not here yet is
+    created again and the 409 finds it (deterministic names); a stage's newer state arrives with
+    the event that reconciles its job again."""
+    meta = body.get("metadata") or {}
+    uid = next((ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "FineTuneJob"), None)
+    if not uid:
+        return {}
+    kept = {k: copy.deepcopy(meta[k]) for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences")
+            if k in meta}
+    spec = body.get("spec") or {}
+    return {(namespace or "", uid): {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept,
+        "spec": {"runPolicy": copy.deepcopy(spec.get("runPolicy") or {})},
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }}
+
+
+CHILDREN = "pytorchjobs_by_owner"  # kopf passes each index to every handler by its function's name
+
+
+def _stages_of(children: kopf.Index[tuple[str, str], dict[str, Any]] | None, namespace: str, name: str,
+               uid: str) -> list[dict[str, Any]]:
+    """The job's PyTorchJobs: from the index (see `pytorchjobs_by_owner`), or listed where there is
+    none (a reconcile not started by a kopf handler)."""
+    if children is None:
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
+        return [pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
+                if any(ref.get("uid") == uid for ref in pj["metadata"].get("ownerReferences") or [])]
+    for _ in range(10):  # kopf updates the index from its event loop while this thread reads it
+        try:
+            return list(children.get((namespace, uid), []))
+        except RuntimeError:
+            continue
+    return list(children.get((namespace, uid), []))
 
 
 @kopf.index(*FINETUNEJOBS, when=_unfinished)
@@ -141,7 +186,7 @@ def on_preferencedataset(name: str, namespace: str | None, **kwargs: Any) -> Non
     if not namespace:
         return
     for job in sorted(set(index.get((namespace, name), []))):
-        common.quietly(lambda: reconcile(namespace, job))
+        common.quietly(lambda: reconcile(namespace, job, children=kwargs.get(CHILDREN)))
 
 
 @kopf.on.delete(*FINETUNEJOBS)
@@ -178,17 +223,19 @@ class Scraped:
 
 
 def reconcile(namespace: str, name: str, *, scrape: bool = False, scraped: Scraped | None = None,
-              restarts: dict[str, str] | None = None) -> None:
+              restarts: dict[str, str] | None = None,
+              children: kopf.Index[tuple[str, str], dict[str, Any]] | None = None) -> None:
     with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob"):
         _reconciled.pop((namespace, name), None)
         body = common.get_custom(FINETUNEJOBS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
-            _reconcile(body, scrape, scraped, restarts)
+            _reconcile(body, scrape, scraped, restarts, children)
         _reconciled[(namespace, name)] = time.monotonic()
 
 
 def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = None,
-               restarts: dict[str, str] | None = None) -> None:
+               restarts: dict[str, str] | None = None,
+               children_index: kopf.Index[tuple[str, str], dict[str, Any]] | None = None) -> None:
     meta, status = body["metadata"], dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
@@ -225,11 +272,7 @@ def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = Non
         accepted = (False, r.PREFERENCE_DATASET_NOT_FOUND,
                     f"PreferenceDataset {', '.join(missing)} not found in namespace {namespace}; create it or fix "
                     "spec.stages[].dataset.preferenceDatasetRef.name.")
-    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
-    children = {
-        pj["metadata"]["name"]: pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
-        if any(ref.get("uid") == meta["uid"] for ref in pj["metadata"].get("ownerReferences") or [])
-    }
+    children = {pj["metadata"]["name"]: pj for pj in _stages_of(children_index, namespace, name, meta["uid"])}
     plan = observe_stages(job, children, list(status.get("stages") or []), output_base, restarts)
     suspend = job.spec.run_policy.suspend
     child = children.get(backend.job_name(name, job.spec.stages[plan.index].name))

@@ -131,10 +131,10 @@ def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> di
     at a thousand jobs would be most of the operator's memory). kopf keeps it from the PyTorchJob
     watch and starts no handler before it holds every PyTorchJob, so a reconcile reads its job's
     stages here instead of listing them (a list of a custom resource by label is a read of every
-    PyTorchJob in the namespace from etcd, on every reconcile: quadratic in the jobs). It can
-    trail the API server by a watch event: a stage created a moment ago and not here yet is
-    created again and the 409 finds it (deterministic names); a stage's newer state arrives with
-    the event that reconciles its job again."""
+    PyTorchJob in the namespace from etcd, on every reconcile: quadratic in the jobs). It trails
+    the API server by the watch's delay (seconds, under a burst of a thousand jobs): a stage's
+    newer state arrives with the event that reconciles its job again, and `_stages_of` lists
+    the job's PyTorchJobs when a stage the status names is not here yet."""
     meta = body.get("metadata") or {}
     uid = next((ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "FineTuneJob"), None)
     if not uid:
@@ -153,19 +153,25 @@ CHILDREN = "pytorchjobs_by_owner"  # kopf passes each index to every handler by 
 
 
 def _stages_of(children: kopf.Index[tuple[str, str], dict[str, Any]] | None, namespace: str, name: str,
-               uid: str) -> list[dict[str, Any]]:
-    """The job's PyTorchJobs: from the index (see `pytorchjobs_by_owner`), or listed where there is
-    none (a reconcile not started by a kopf handler)."""
-    if children is None:
-        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
-        return [pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
-                if any(ref.get("uid") == uid for ref in pj["metadata"].get("ownerReferences") or [])]
-    for _ in range(10):  # kopf updates the index from its event loop while this thread reads it
+               uid: str, recorded: set[str]) -> list[dict[str, Any]]:
+    """The job's PyTorchJobs: from the index (see `pytorchjobs_by_owner`) when it holds every one
+    the status records (`recorded`: their names); else listed. A stage the status names but the
+    index lacks was created a moment ago and its watch event is not in yet, or was deleted: only
+    the API server can tell (believing the index failed half of a burst of 1,000 new jobs with
+    "PyTorchJob ... was deleted"). A stage not recorded yet and not in the index is created,
+    and the 409 of a stale index finds it (deterministic names)."""
+    found: list[dict[str, Any]] | None = None
+    for _ in range(10 if children is not None else 0):  # kopf updates the index from its event loop
         try:
-            return list(children.get((namespace, uid), []))
+            found = list(children.get((namespace, uid), [])) if children is not None else None
+            break
         except RuntimeError:
             continue
-    return list(children.get((namespace, uid), []))
+    if found is not None and recorded <= {pj["metadata"]["name"] for pj in found}:
+        return found
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
+    return [pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
+            if any(ref.get("uid") == uid for ref in pj["metadata"].get("ownerReferences") or [])]
 
 
 @kopf.index(*FINETUNEJOBS, when=_unfinished)
@@ -272,7 +278,8 @@ def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = Non
         accepted = (False, r.PREFERENCE_DATASET_NOT_FOUND,
                     f"PreferenceDataset {', '.join(missing)} not found in namespace {namespace}; create it or fix "
                     "spec.stages[].dataset.preferenceDatasetRef.name.")
-    children = {pj["metadata"]["name"]: pj for pj in _stages_of(children_index, namespace, name, meta["uid"])}
+    recorded = {s["jobName"] for s in status.get("stages") or [] if s.get("jobName")}
+    children = {pj["metadata"]["name"]: pj for pj in _stages_of(children_index, namespace, name, meta["uid"], recorded)}
     plan = observe_stages(job, children, list(status.get("stages") or []), output_base, restarts)
     suspend = job.spec.run_policy.suspend
     child = children.get(backend.job_name(name, job.spec.stages[plan.index].name))

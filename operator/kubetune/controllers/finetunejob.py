@@ -160,18 +160,28 @@ def _stages_of(children: kopf.Index[tuple[str, str], dict[str, Any]] | None, nam
     the API server can tell (believing the index failed half of a burst of 1,000 new jobs with
     "PyTorchJob ... was deleted"). A stage not recorded yet and not in the index is created,
     and the 409 of a stale index finds it (deterministic names)."""
-    found: list[dict[str, Any]] | None = None
-    for _ in range(10 if children is not None else 0):  # kopf updates the index from its event loop
-        try:
-            found = list(children.get((namespace, uid), [])) if children is not None else None
-            break
-        except RuntimeError:
-            continue
+    found = _indexed(children, (namespace, uid))
     if found is not None and recorded <= {pj["metadata"]["name"] for pj in found}:
         return found
-    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
-    return [pj for pj in common.list_custom(PYTORCHJOBS, namespace, selector)
+    return [pj for pj in common.list_custom(PYTORCHJOBS, namespace, _children_selector(name))
             if any(ref.get("uid") == uid for ref in pj["metadata"].get("ownerReferences") or [])]
+
+
+def _indexed(children: kopf.Index[tuple[str, str], dict[str, Any]] | None,
+             key: tuple[str, str]) -> list[dict[str, Any]] | None:
+    """The index's values under `key`, or None without an index. kopf updates the index from its
+    event loop while this thread reads it: a read that meets a change is tried again."""
+    for _ in range(10 if children is not None else 0):
+        try:
+            return list(children.get(key, []))  # type: ignore[union-attr]
+        except RuntimeError:
+            continue
+    return None
+
+
+def _children_selector(job: str) -> str:
+    """The label selector of a FineTuneJob's PyTorchJobs and StageRun ConfigMaps."""
+    return f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(job)}"
 
 
 @kopf.index(*FINETUNEJOBS, when=_unfinished)
@@ -199,7 +209,7 @@ def on_preferencedataset(name: str, namespace: str | None, **kwargs: Any) -> Non
 def on_finetunejob_deleted(name: str, namespace: str | None, uid: str, **_: Any) -> None:
     """Delete the stages' PyTorchJobs and ConfigMaps now (owner references would, later)."""
     namespace = namespace or ""
-    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_JOB}={label_value(name)}"
+    selector = _children_selector(name)
     group, version, plural = PYTORCHJOBS
     for pj in common.list_custom(PYTORCHJOBS, namespace, selector):
         if any(ref.get("uid") == uid for ref in pj["metadata"].get("ownerReferences") or []):

@@ -47,16 +47,20 @@ SAVE_STEPS = 10  # a kill loses at most this many steps
 
 
 def tiny_pretraining(name: str) -> dict[str, Any]:
-    """One-node CPU pretraining of a tiny Llama (as in test_e2e_operator_execute.py), checkpointing often."""
+    """One-node CPU pretraining of a small Llama, checkpointing often. Large enough that a step takes
+    well over 100 ms here: the status (read from the trainer every second) must show a checkpoint
+    before the kill and the restart while the replacement trains, and with the 16 ms steps of the
+    tiny Llama in test_e2e_operator_execute.py the replacement could finish its last 37 steps before
+    the operator's next read (it did once, in CI)."""
     body = finetunejob(name, [stage(
         "pretrain", "pretrain", None, None,
         dataset={"uri": "pvc://data/tiny/pretrain/train.jsonl", "format": "text",
                  "validationUri": "pvc://data/tiny/pretrain/validation.jsonl"},
         resources={"nodes": 1, "gpusPerNode": 0},
-        hyperparameters={"maxSteps": MAX_STEPS, "batchSize": 8, "maxLength": 64, "learningRate": 3.0e-3,
+        hyperparameters={"maxSteps": MAX_STEPS, "batchSize": 8, "maxLength": 128, "learningRate": 3.0e-3,
                          "loggingSteps": 1, "saveSteps": SAVE_STEPS, "packing": True},
     )], annotations=pod_annotations(HOLD))
-    body["spec"]["model"] = {"init": {"architecture": "llama", "hiddenSize": 64, "numLayers": 2, "numHeads": 4,
+    body["spec"]["model"] = {"init": {"architecture": "llama", "hiddenSize": 256, "numLayers": 4, "numHeads": 4,
                                       "maxPositionEmbeddings": 128, "tokenizer": {"train": {"vocabSize": 400}}}}
     return body
 

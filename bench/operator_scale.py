@@ -232,6 +232,7 @@ class Figures:
     retries: float = math.nan
     requests: float = math.nan
     handler_requests: float = math.nan
+    throttled_seconds: float = math.nan
 
     @property
     def ratio(self) -> float:
@@ -278,6 +279,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     reconciles0 = operator.metric("kubetune_reconciles_total")
     retries0 = operator.metric("kubetune_reconciles_total", 'result="retry"')
     handler0 = operator.metric("kubetune_api_requests_total")
+    throttled0 = operator.metric("kubetune_api_throttled_seconds_total")
     cpu0 = operator.cpu_seconds()
 
     log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
@@ -303,6 +305,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     fig.reconciles = operator.metric("kubetune_reconciles_total") - reconciles0
     fig.retries = operator.metric("kubetune_reconciles_total", 'result="retry"') - retries0
     fig.handler_requests = operator.metric("kubetune_api_requests_total") - handler0
+    fig.throttled_seconds = operator.metric("kubetune_api_throttled_seconds_total") - throttled0
     fig.cpu_seconds = operator.cpu_seconds() - cpu0
     fig.peak_rss_mib = operator.peak_rss_mib()
     return fig
@@ -458,6 +461,8 @@ def table(figures: list[Figures]) -> str:
          lambda f: f"{f.reconciles:.0f} ({f.retries:.0f})"),
         ("API requests per reconcile, all (kopf's and the handlers')", lambda f: f"{f.requests_per_reconcile:.2f}"),
         ("API requests per reconcile, the handlers' own", lambda f: f"{f.handler_requests_per_reconcile:.2f}"),
+        ("Seconds the handlers' requests waited for the client-side rate limit, summed",
+         lambda f: f"{f.throttled_seconds:.0f}"),
     ]
     head = "| | " + " | ".join(f"N = {f.n}" for f in figures) + " |\n|---|" + "---:|" * len(figures) + "\n"
     return head + "".join(f"| {label} | " + " | ".join(cell(f) for f in figures) + " |\n" for label, cell in rows)

@@ -71,7 +71,9 @@ class ApiClient(client.ApiClient):
 
     def call_api(self, method: str, url: str, header_params: Any = None, body: Any = None,
                  post_params: Any = None, _request_timeout: Any = None) -> Any:
-        self.bucket.take()
+        waited = self.bucket.take()
+        if waited:
+            metrics.API_THROTTLED.inc(waited)
         metrics.API_REQUESTS.labels(method).inc()
         response = super().call_api(method, url, header_params, body, post_params,
                                     _request_timeout=_request_timeout or self.timeout)

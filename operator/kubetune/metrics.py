@@ -12,6 +12,7 @@ few and bounded (kind, result, condition, stage type), never object names.
     kubetune_validation_jobs_created_total            PreferenceDataset validation Jobs created
     kubetune_inferenceservices_applied_total{action}  InferenceServices created or updated
     kubetune_api_requests_total{method}               requests of the handlers to the API server (not kopf's own)
+    kubetune_api_throttled_seconds_total              seconds the handlers' requests waited for the client-side rate limit
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ INFERENCESERVICES_APPLIED = Counter(
 API_REQUESTS = Counter(
     "kubetune_api_requests", "Requests the handlers sent to the API server (kopf's own are not counted).",
     ["method"], registry=REGISTRY,
+)
+API_THROTTLED = Counter(
+    "kubetune_api_throttled_seconds", "Seconds the handlers' requests waited for the client-side rate limit "
+    "(--api-qps, --api-burst); growing fast: the limit, not the API server, paces the operator.", registry=REGISTRY,
 )
 
 # Job conditions tracked by kubetune_finetunejobs.

@@ -103,9 +103,32 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = OPTIONS.workers
 
 
+# kopf's own connections (watches, its patches, Events, peering): a watch holds one for as long as
+# it streams, per watched resource and, when namespaced, per namespace; requests share the rest.
+WATCHED_RESOURCES = 12  # ours (3 kinds, 4 children), kopf's peering and CRD watches, and slack
+REQUEST_CONNECTIONS = 16
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    return kopf.login_via_client(**kwargs)
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """The credentials of the kubernetes client (kopf.login_via_client), on an aiohttp session with
+    a bounded pool. kopf's own session has no limit (aiohttp's `limit=0`): a burst of 1,000 new jobs
+    left it holding 128 TLS connections, each with 128 KiB of asyncio's buffer, aiohttp's read buffer
+    and OpenSSL's state, for one request each. Here the requests beyond the pool wait their turn."""
+    import aiohttp
+
+    info = kopf.login_via_client(**kwargs)
+    if info is None:
+        return None
+    watches = WATCHED_RESOURCES * max(1, len(OPTIONS.namespaces))
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=watches + REQUEST_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
+                               priority=info.priority, expiration=info.expiration, aiohttp_session=session)
 
 
 def ensure_peering(api: client.ApiClient, options: OperatorOptions) -> None:
@@ -129,24 +152,46 @@ def ensure_peering(api: client.ApiClient, options: OperatorOptions) -> None:
             raise
 
 
-def fewer_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread that allocates a heap arena of its own, so a pool of worker threads
-    grows the resident memory with the threads, not with the objects; an I/O-bound process needs
-    few (the effect of MALLOC_ARENA_MAX=2). Elsewhere than glibc: nothing."""
+def tune_malloc(arenas: int = 2, mmap_threshold: int = 256 * 1024, trim_every: float = 10.0) -> None:
+    """glibc's malloc, set for an I/O-bound process whose memory comes in bursts (elsewhere than
+    glibc: nothing). Three settings:
+    - few arenas: each thread that allocates gets a heap arena of its own, so a pool of worker
+      threads grows the resident memory with the threads, not with the objects (the effect of
+      MALLOC_ARENA_MAX=2);
+    - a fixed mmap threshold: glibc raises it to the size of each large block freed, so after the
+      first burst the response bodies of lists and watches (hundreds of KiB) come from the heap and
+      stay there, fragmenting it; above the threshold they are mapped and given back when freed;
+    - a thread that gives free heap pages back to the system every `trim_every` seconds
+      (malloc_trim): freed memory in the middle of the heap is otherwise kept until the heap's top
+      is free, which after a burst of 1,000 jobs it seldom is.
+    Python's own small objects are in pymalloc's arenas, which it returns itself."""
     import ctypes
+    import threading
+    import time
 
-    m_arena_max = -8
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     try:
-        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, arenas)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(m_arena_max, arenas)
+        libc.mallopt(m_mmap_threshold, mmap_threshold)
+        libc.mallopt(m_trim_threshold, 2 * mmap_threshold)
+        trim = libc.malloc_trim
     except (OSError, AttributeError):
-        pass
+        return
+
+    def trim_forever() -> None:
+        while True:
+            time.sleep(trim_every)
+            trim(0)
+
+    threading.Thread(target=trim_forever, name="malloc-trim", daemon=True).start()
 
 
 def run(options: OperatorOptions) -> int:
     """Run the operator until SIGINT/SIGTERM."""
     from kubernetes import config
 
-    fewer_malloc_arenas()
+    tune_malloc()
 
     from kubetune import controllers, metrics  # importing registers the handlers
     from kubetune.controllers import common

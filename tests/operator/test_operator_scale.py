@@ -297,6 +297,30 @@ def test_the_rate_limit_lets_a_burst_through_then_spreads_the_rest(monkeypatch: 
     assert apiclient.TokenBucket(qps=0, burst=1).take() == 0.0
 
 
+def test_the_waits_for_the_rate_limit_are_counted_for_the_metrics() -> None:
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        requests = apiclient.Requests(_client(server.server_address[1], timeout=5, qps=2, burst=1))
+        before = metrics.REGISTRY.get_sample_value("kubetune_api_throttled_seconds_total") or 0.0
+        for _ in range(2):  # the first within the burst, the second half a second later
+            requests.request("GET", "/api/v1/namespaces/team/configmaps/c")
+        waited = (metrics.REGISTRY.get_sample_value("kubetune_api_throttled_seconds_total") or 0.0) - before
+    finally:
+        server.shutdown()
+    assert 0.25 <= waited <= 0.5  # half a second, less whatever the first request took
+
+
 def test_kopf_retries_a_failed_api_request_without_end_and_each_request_from_the_start() -> None:
     backoffs = configured().networking.error_backoffs
     assert not hasattr(backoffs, "__len__")  # kopf counts the attempts of a sized one and gives up after them
@@ -304,3 +328,74 @@ def test_kopf_retries_a_failed_api_request_without_end_and_each_request_from_the
     assert first[:7] == [1, 1, 2, 3, 5, 8, 13] and set(first[7:]) == {20.0}
     assert sum(first[:8]) < 60 < sum(first)  # an API server away a minute is waited for
     assert list(itertools.islice(iter(backoffs), 3)) == [1, 1, 2]  # a new request starts over
+
+
+def test_kopfs_requests_share_a_bounded_pool_of_connections(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """A burst of kopf's requests waits for connections of a bounded pool instead of opening one each
+    (kopf's own session has no limit), and every request is answered, with the kubeconfig's token."""
+    open_now, most, tokens = [0], [0], set()
+    lock = threading.Lock()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a connection serves request after request
+
+        def setup(self) -> None:
+            super().setup()
+            with lock:
+                open_now[0] += 1
+                most[0] = max(most[0], open_now[0])
+
+        def finish(self) -> None:
+            super().finish()
+            with lock:
+                open_now[0] -= 1
+
+        def do_GET(self) -> None:
+            tokens.add(self.headers.get("Authorization"))
+            time.sleep(0.05)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{server.server_address[1]}'}}}}]\n"
+        "users: [{name: u, user: {token: secret}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n")
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(client.Configuration, "_default", None)  # login loads the kubeconfig into the default
+    monkeypatch.setattr(kubetune_operator, "OPTIONS", kubetune_operator.OperatorOptions(namespaces=["a", "b"]))
+    monkeypatch.setattr(kubetune_operator, "WATCHED_RESOURCES", 2)
+    monkeypatch.setattr(kubetune_operator, "REQUEST_CONNECTIONS", 3)  # 2 x 2 namespaces + 3
+
+    async def burst() -> list[int]:
+        context = await kubetune_operator.login(logger=LOG, settings=kopf.OperatorSettings())
+        assert isinstance(context, kopf.AiohttpSession)
+        session = context.aiohttp_session
+
+        async def one(i: int) -> int:
+            async with session.get(f"{context.server}/apis/kubetune.io/v1alpha1/finetunejobs/{i}") as response:
+                assert await response.json() == {}
+                return response.status
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(40))))
+        finally:
+            await session.close()
+
+    try:
+        assert asyncio.run(burst()) == [200] * 40
+    finally:
+        server.shutdown()
+    assert most[0] == 7  # the pool's limit, reached and never passed
+    assert tokens == {"Bearer secret"}

@@ -191,9 +191,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--workers", type=int, default=8, help="reconciles run at once (threads; default: 8)")
     o.add_argument("--api-timeout", type=float, default=30.0,
                    help="seconds before a request to the API server fails and its reconcile is retried (default: 30)")
-    o.add_argument("--api-qps", type=float, default=100.0,
-                   help="client-side rate limit of the operator's requests, per second (0: none; default: 100)")
-    o.add_argument("--api-burst", type=int, default=200, help="requests allowed at once above --api-qps (default: 200)")
+    o.add_argument("--api-qps", type=float, default=400.0,
+                   help="client-side rate limit of the operator's requests, per second (0: none; default: 400)")
+    o.add_argument("--api-burst", type=int, default=800, help="requests allowed at once above --api-qps (default: 800)")
     o.add_argument("-v", "--verbose", action="store_true", help="log kopf's details too")
     o.set_defaults(func=_operator)
 

@@ -4,6 +4,7 @@ request timeouts and the rate limit, the scrape outside the lock, writes only wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import itertools
 import logging
@@ -264,26 +265,42 @@ def test_a_request_to_a_black_holed_api_server_fails_instead_of_hanging(black_ho
     assert time.monotonic() - start < 5  # urllib3 retries a GET a few times, each within the timeout
 
 
-def test_a_429_comes_back_as_a_retry_after_the_servers_delay() -> None:
-    class Throttling(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(429)
-            self.send_header("Retry-After", "7")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+class Answering(http.server.BaseHTTPRequestHandler):
+    """A stand-in API server's handler: every GET answered with `status`, `body` and `answer_headers`."""
 
-        def log_message(self, *_: Any) -> None:
-            pass
+    status, body, answer_headers = 200, b"{}", {"Content-Type": "application/json"}
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        for name, value in {**self.answer_headers, "Content-Length": str(len(self.body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A local HTTP server of `handler` on a free port, for the block."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        api = _client(server.server_address[1], timeout=5)
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+def test_a_429_comes_back_as_a_retry_after_the_servers_delay() -> None:
+    class Throttling(Answering):
+        status, body, answer_headers = 429, b"", {"Retry-After": "7"}
+
+    with serving(Throttling) as port:
+        api = _client(port, timeout=5)
         with pytest.raises(kopf.TemporaryError) as e:
             client.CustomObjectsApi(api).get_namespaced_custom_object("kubetune.io", "v1alpha1", "team", "finetunejobs", "j")
         assert e.value.delay == 7.0
-    finally:
-        server.shutdown()
 
 
 def test_the_rate_limit_lets_a_burst_through_then_spreads_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,26 +315,12 @@ def test_the_rate_limit_lets_a_burst_through_then_spreads_the_rest(monkeypatch: 
 
 
 def test_the_waits_for_the_rate_limit_are_counted_for_the_metrics() -> None:
-    class Ok(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        requests = apiclient.Requests(_client(server.server_address[1], timeout=5, qps=2, burst=1))
+    with serving(Answering) as port:
+        requests = apiclient.Requests(_client(port, timeout=5, qps=2, burst=1))
         before = metrics.REGISTRY.get_sample_value("kubetune_api_throttled_seconds_total") or 0.0
         for _ in range(2):  # the first within the burst, the second half a second later
-            requests.request("GET", "/api/v1/namespaces/team/configmaps/c")
+            assert requests.request("GET", "/api/v1/namespaces/team/configmaps/c") == {}
         waited = (metrics.REGISTRY.get_sample_value("kubetune_api_throttled_seconds_total") or 0.0) - before
-    finally:
-        server.shutdown()
     assert 0.25 <= waited <= 0.5  # half a second, less whatever the first request took
 
 
@@ -336,7 +339,7 @@ def test_kopfs_requests_share_a_bounded_pool_of_connections(monkeypatch: pytest.
     open_now, most, tokens = [0], [0], set()
     lock = threading.Lock()
 
-    class Slow(http.server.BaseHTTPRequestHandler):
+    class Slow(Answering):
         protocol_version = "HTTP/1.1"  # keep-alive: a connection serves request after request
 
         def setup(self) -> None:
@@ -353,21 +356,14 @@ def test_kopfs_requests_share_a_bounded_pool_of_connections(monkeypatch: pytest.
         def do_GET(self) -> None:
             tokens.add(self.headers.get("Authorization"))
             time.sleep(0.05)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+            super().do_GET()
 
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = contextlib.ExitStack()
+    port = server.enter_context(serving(Slow))
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
-        f"clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{server.server_address[1]}'}}}}]\n"
+        f"clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
         "users: [{name: u, user: {token: secret}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n")
     from kubernetes.config import kube_config
 
@@ -393,9 +389,7 @@ def test_kopfs_requests_share_a_bounded_pool_of_connections(monkeypatch: pytest.
         finally:
             await session.close()
 
-    try:
+    with server:
         assert asyncio.run(burst()) == [200] * 40
-    finally:
-        server.shutdown()
     assert most[0] == 7  # the pool's limit, reached and never passed
     assert tokens == {"Bearer secret"}

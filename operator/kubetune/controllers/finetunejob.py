@@ -171,9 +171,11 @@ def _indexed(children: kopf.Index[tuple[str, str], dict[str, Any]] | None,
              key: tuple[str, str]) -> list[dict[str, Any]] | None:
     """The index's values under `key`, or None without an index. kopf updates the index from its
     event loop while this thread reads it: a read that meets a change is tried again."""
-    for _ in range(10 if children is not None else 0):
+    if children is None:
+        return None
+    for _ in range(10):
         try:
-            return list(children.get(key, []))  # type: ignore[union-attr]
+            return list(children.get(key, []))
         except RuntimeError:
             continue
     return None

@@ -83,6 +83,8 @@ class RetryForever:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """kopf's own settings: our finalizer and annotation prefix, Events, peering lifetime, request
     timeouts and retries, the children's server-side label selectors, the size of the handlers' thread pool."""
+    from kubetune.controllers import common
+
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -101,6 +103,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.watching.label_selectors[resource] = selector
     # A bounded pool: reconciles run in these threads; more objects wait their turn in kopf's queues.
     settings.execution.max_workers = OPTIONS.workers
+    common.RUNTIME.handlers = settings.execution.executor  # the async handlers' reconciles run here too
 
 
 # kopf's own connections (watches, its patches, Events, peering): a watch holds one for as long as

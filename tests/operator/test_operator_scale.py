@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -156,8 +157,9 @@ def test_the_trainer_is_read_while_another_reconcile_holds_the_jobs_lock(monkeyp
     holder = threading.Thread(target=hold)
     holder.start()
     time.sleep(0.05)
-    finetunejob.poll_finetunejob(name="j", namespace="team",
-                                 status={"stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]})
+    asyncio.run(finetunejob.poll_finetunejob(
+        name="j", namespace="team", uid="j-uid",
+        status={"stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]}))
     assert read_while_locked.is_set()
     release.set()
     holder.join()
@@ -192,7 +194,7 @@ def reconciles(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 def test_a_pytorchjob_event_with_nothing_new_for_its_job_reconciles_nothing(reconciles: list[tuple[str, str]]) -> None:
     def event(body: dict[str, Any], type_: str = "MODIFIED") -> None:
-        finetunejob.on_pytorchjob(body=body, namespace="team", uid="pj-uid", type=type_)
+        asyncio.run(finetunejob.on_pytorchjob(body=body, namespace="team", uid="pj-uid", type=type_))
 
     event(_pytorchjob("Created"), "ADDED")
     event(_pytorchjob("Created", reconciled_at="2026-01-01T00:00:05Z"))  # the training-operator's own bookkeeping
@@ -205,6 +207,13 @@ def test_a_pytorchjob_event_with_nothing_new_for_its_job_reconciles_nothing(reco
     assert reconciles == [("team", "j")] * 4
 
 
+def tick(status: dict[str, Any], children: dict[tuple[str, str], list[dict[str, Any]]] | None = None,
+         name: str = "j") -> None:
+    """One tick of the FineTuneJob timer, as kopf runs it."""
+    asyncio.run(finetunejob.poll_finetunejob(name=name, namespace="team", uid="j-uid", status=status,
+                                             **{finetunejob.CHILDREN: children or {}}))
+
+
 def test_the_timer_leaves_a_started_stage_with_nothing_new_alone_until_the_safety_net(
         reconciles: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(finetunejob, "scrape_running_stage", lambda namespace, status: None)
@@ -212,16 +221,69 @@ def test_the_timer_leaves_a_started_stage_with_nothing_new_alone_until_the_safet
     pending = {"stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
     new = {"stages": [{"name": "sft", "state": "Pending"}]}
 
-    finetunejob.poll_finetunejob(name="j", namespace="team", status=running)  # never reconciled here yet
-    finetunejob.poll_finetunejob(name="j", namespace="team", status=running)
+    tick(running)  # never reconciled here yet
+    tick(running)  # its trainer was read, with nothing to show
     assert len(reconciles) == 1
-    finetunejob.poll_finetunejob(name="j", namespace="team", status=pending)
+    tick(pending)
     assert len(reconciles) == 1
-    finetunejob.poll_finetunejob(name="j", namespace="team", status=new)  # a stage to start is looked at at once
+    tick(new)  # a stage to start is looked at at once
     assert len(reconciles) == 2
     finetunejob._reconciled[("team", "j")] -= finetunejob._safety_net + 1
-    finetunejob.poll_finetunejob(name="j", namespace="team", status=pending)  # why pods wait, now and then
+    tick(pending)  # why pods wait, now and then
     assert len(reconciles) == 3
+
+
+def test_the_safety_net_leaves_a_stage_alone_until_the_training_operator_took_it_up(
+        reconciles: list[tuple[str, str]]) -> None:
+    """A thousand jobs queued at the training-operator: nothing to look up about their pods (there
+    are none yet), and the PyTorchJob's first status wakes each job anyway."""
+    pending = {"stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
+    untouched = {k: v for k, v in _pytorchjob().items() if k != "status"}
+    tick(pending)
+    finetunejob._reconciled[("team", "j")] -= finetunejob._safety_net + 1
+
+    tick(pending, {("team", "j-uid"): [untouched]})
+    assert len(reconciles) == 1
+    tick(pending, {("team", "j-uid"): [_pytorchjob("Created")]})  # its pods may wait: say why
+    assert len(reconciles) == 2
+    finetunejob._reconciled[("team", "j")] -= finetunejob._safety_net + 1
+    tick(pending, {})  # not in the index (deleted, or its event not in yet): looked at
+    assert len(reconciles) == 3
+
+
+def test_a_stage_hand_off_does_not_wait_behind_the_timers_reconciles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timer's reconciles run in a pool of their own: with every one of them stuck (an API
+    server answering slowly), a finished stage still starts the next one at once."""
+    release, handed_off = threading.Event(), []
+
+    def reconcile(namespace: str, name: str, **kw: Any) -> None:
+        if kw.get("scrape"):  # the timer's
+            release.wait(10)
+        else:
+            handed_off.append(name)
+        finetunejob._reconciled[(namespace, name)] = time.monotonic()
+
+    monkeypatch.setattr(finetunejob, "reconcile", reconcile)
+    monkeypatch.setattr(finetunejob, "_observed", {})
+    monkeypatch.setattr(finetunejob, "_reconciled", {})
+    monkeypatch.setattr(common.RUNTIME, "handlers", ThreadPoolExecutor(1))
+    monkeypatch.setattr(common.RUNTIME, "background", ThreadPoolExecutor(common.BACKGROUND_WORKERS))
+    new = {"stages": [{"name": "sft", "state": "Pending"}]}
+
+    async def main() -> float:
+        ticks = [asyncio.create_task(finetunejob.poll_finetunejob(name=f"w{i}", namespace="team", uid=f"w{i}",
+                                                                  status=new)) for i in range(20)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await asyncio.wait_for(finetunejob.on_pytorchjob(body=_pytorchjob("Created", "Succeeded"), namespace="team",
+                                                         uid="pj-uid", type="MODIFIED"), 5)
+        took = time.monotonic() - started
+        release.set()
+        await asyncio.gather(*ticks)
+        return took
+
+    took = asyncio.run(main())
+    assert handed_off == ["j"] and took < 1.0
 
 
 def test_the_jobs_by_condition_gauge_moves_by_each_jobs_own_change() -> None:

@@ -1,16 +1,21 @@
 """What every controller shares: the API client, per-object locks, child creation, status writes.
 
 Handlers are synchronous (kopf runs them in its thread pool) and call one `reconcile` per
-object. Several triggers can fire for one object at once (its own change, a child's event, a
+object; the few that fire far more often than they find work (a child's status bookkeeping, a
+timer's tick) are async, decide in the event loop, and hand the reconcile to a pool (`in_pool`). Several triggers can fire for one object at once (its own change, a child's event, a
 timer), so each reconcile holds a per-object lock and reads the object fresh; children have
 deterministic names, so a retry after a crash finds what it created (409 -> reuse).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,6 +41,11 @@ class Runtime:
     api: client.ApiClient | None = None
     settings: BackendSettings = field(default_factory=BackendSettings)
     scrape_trainer: bool = True  # read the trainer's metrics endpoint for progress
+    handlers: Executor | None = None  # kopf's pool of the handlers' threads (set at startup)
+    background: Executor | None = None  # the timers' reconciles (`background_pool`)
+
+
+BACKGROUND_WORKERS = 2
 
 
 RUNTIME = Runtime()
@@ -188,6 +198,31 @@ def owner_name(body: dict[str, Any], kind: str) -> str | None:
         if ref.get("kind") == kind:
             return cast(str, ref.get("name"))
     return None
+
+
+def background_pool() -> Executor:
+    """The pool of the timers' reads and reconciles, apart from kopf's pool of the handlers: a
+    thousand jobs that wait for their pods cannot queue a stage hand-off (a child's event) behind
+    their periodic lookups of why."""
+    if RUNTIME.background is None:
+        RUNTIME.background = ThreadPoolExecutor(BACKGROUND_WORKERS, thread_name_prefix="kubetune-timer")
+    return RUNTIME.background
+
+
+async def in_pool(pool: Executor | None, fn: Callable[[], Any]) -> Any:
+    """Run `fn` in a thread of `pool` (None: the handlers' pool), in a copy of this task's context,
+    as kopf runs a synchronous handler."""
+    call = functools.partial(contextvars.copy_context().run, fn)
+    future = asyncio.get_running_loop().run_in_executor(pool or RUNTIME.handlers, call)
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():  # a cancelled task waits for its thread, which cannot be stopped
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError as e:
+            cancelled = e
+    if cancelled is not None:
+        raise cancelled
+    return future.result()
 
 
 def quietly(fn: Any, *args: Any) -> None:

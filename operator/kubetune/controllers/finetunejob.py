@@ -70,17 +70,49 @@ def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
     return not (is_true(conditions, r.SUCCEEDED) or is_true(conditions, r.FAILED))
 
 
-def poll_finetunejob(name: str, namespace: str | None, status: Mapping[str, Any], **kwargs: Any) -> None:
-    """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait. The
-    trainer's metrics endpoint (up to a second) is read before taking the job's lock, so a slow
-    trainer never holds up the job's other reconciles."""
+async def poll_finetunejob(name: str, namespace: str | None, uid: str, status: Mapping[str, Any],
+                           **kwargs: Any) -> None:
+    """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait. Whether
+    a tick has anything to do is decided here, in the event loop; the reads and the reconcile run
+    in the background pool (common.background_pool), never in the handlers' threads."""
     namespace = namespace or ""
+    children = kwargs.get(CHILDREN)
+    if not _due(namespace, name, uid, status, children, progress=True):
+        return
+    await common.in_pool(common.background_pool(), lambda: poll(namespace, name, uid, status, children))
+
+
+def poll(namespace: str, name: str, uid: str, status: Mapping[str, Any],
+         children: kopf.Index[tuple[str, str], dict[str, Any]] | None = None) -> None:
+    """The timer's work on one job: the trainer's metrics endpoint (up to a second) is read before
+    taking the job's lock, so a slow trainer never holds up the job's other reconciles."""
     scraped = scrape_running_stage(namespace, status) if RUNTIME.scrape_trainer else None
-    waiting = any(s.get("jobName") and s.get("state") in ("Running", "Pending") for s in status.get("stages") or [])
+    if scraped is None and not _due(namespace, name, uid, status, children, progress=False):
+        return  # no progress read after all (no pod IP yet, an endpoint that did not answer)
+    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped, children=children))
+
+
+def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
+         children: kopf.Index[tuple[str, str], dict[str, Any]] | None, *, progress: bool) -> bool:
+    """Whether a tick has something to read. Always when a stage runs and its trainer's progress is
+    read (`progress`: that counts), or when no stage runs or waits for its pods (one to start, a data set to wait for).
+    A stage that runs or waits for its pods is left to its PyTorchJob's events, and looked at (why
+    its pods wait) only when nothing reconciled the job for SAFETY_NET_TICKS ticks, and then not
+    while the training-operator has not taken its PyTorchJob up (no condition yet: its first
+    status is an event that wakes the job, and until then no pod or Event can say more)."""
+    stages = status.get("stages") or []
+    if progress and RUNTIME.scrape_trainer and RUNTIME.settings.trainer_metrics_port \
+            and any(s.get("jobName") and s.get("state") == "Running" for s in stages):
+        return True
+    waiting = [s["jobName"] for s in stages if s.get("jobName") and s.get("state") in ("Running", "Pending")]
     last = _reconciled.get((namespace, name))
-    if scraped is None and waiting and last is not None and time.monotonic() - last < _safety_net:
-        return  # a stage that runs or waits for its pods, nothing new read: its PyTorchJob's events wake the job
-    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped, children=kwargs.get(CHILDREN)))
+    if not waiting or last is None:
+        return True
+    if time.monotonic() - last < _safety_net:
+        return False
+    indexed = {pj["metadata"]["name"]: pj for pj in _indexed(children, (namespace, uid)) or []}
+    untouched = [n for n in waiting if n in indexed and not (indexed[n].get("status") or {}).get("conditions")]
+    return len(untouched) < len(waiting)
 
 
 def register_timer(interval: float = POLL_SECONDS) -> None:
@@ -95,10 +127,12 @@ def register_timer(interval: float = POLL_SECONDS) -> None:
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
-def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | None, **kwargs: Any) -> None:
-    """A stage's PyTorchJob changed: reconcile its FineTuneJob, unless nothing the job reads from
-    it changed since the last reconcile it woke (the training-operator rewrites its status on
-    every pass of its own: lastReconcileTime, replica counts)."""
+async def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | None, **kwargs: Any) -> None:
+    """A stage's PyTorchJob changed: reconcile its FineTuneJob (in the handlers' pool), unless
+    nothing the job reads from it changed since the last reconcile it woke (the training-operator
+    rewrites its status on every pass of its own: lastReconcileTime, replica counts). That is
+    decided here, in the event loop: most events are such bookkeeping, and each would otherwise
+    take a turn of the handlers' threads."""
     pj = dict(body)
     owner = common.owner_name(pj, "FineTuneJob")
     if type == "DELETED":
@@ -111,7 +145,9 @@ def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: str | 
     # a restart this event shows is counted even if the pods run again by the time reconcile reads the job
     restart = restarted_at(pj)
     restarts = {pj["metadata"]["name"]: restart} if restart else None
-    common.quietly(lambda: reconcile(namespace, owner, restarts=restarts, children=kwargs.get(CHILDREN)))
+    children = kwargs.get(CHILDREN)
+    await common.in_pool(None, lambda: common.quietly(
+        lambda: reconcile(namespace, owner, restarts=restarts, children=children)))
     if type != "DELETED" and _reconciled.get((namespace, owner)):
         _observed[uid] = seen
 

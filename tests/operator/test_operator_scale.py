@@ -159,7 +159,8 @@ def test_the_trainer_is_read_while_another_reconcile_holds_the_jobs_lock(monkeyp
     time.sleep(0.05)
     asyncio.run(finetunejob.poll_finetunejob(
         name="j", namespace="team", uid="j-uid",
-        status={"stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]}))
+        status={"conditions": [{"type": "Accepted", "status": "True"}],
+                "stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]}))
     assert read_while_locked.is_set()
     release.set()
     holder.join()
@@ -217,11 +218,14 @@ def tick(status: dict[str, Any], children: dict[tuple[str, str], list[dict[str, 
 def test_the_timer_leaves_a_started_stage_with_nothing_new_alone_until_the_safety_net(
         reconciles: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(finetunejob, "scrape_running_stage", lambda namespace, status: None)
-    running = {"stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]}
-    pending = {"stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
-    new = {"stages": [{"name": "sft", "state": "Pending"}]}
+    accepted = [{"type": "Accepted", "status": "True"}]
+    running = {"conditions": accepted, "stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]}
+    pending = {"conditions": accepted, "stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
+    new = {"conditions": accepted, "stages": [{"name": "sft", "state": "Pending"}]}
 
-    tick(running)  # never reconciled here yet
+    tick({})  # no status yet: its create handler is queued, the tick leaves it to that
+    assert reconciles == []
+    tick(running)  # never reconciled by this process (a restart): looked at
     tick(running)  # its trainer was read, with nothing to show
     assert len(reconciles) == 1
     tick(pending)
@@ -237,7 +241,8 @@ def test_the_safety_net_leaves_a_stage_alone_until_the_training_operator_took_it
         reconciles: list[tuple[str, str]]) -> None:
     """A thousand jobs queued at the training-operator: nothing to look up about their pods (there
     are none yet), and the PyTorchJob's first status wakes each job anyway."""
-    pending = {"stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
+    pending = {"conditions": [{"type": "Accepted", "status": "True"}],
+               "stages": [{"name": "sft", "state": "Pending", "jobName": "j-sft"}]}
     untouched = {k: v for k, v in _pytorchjob().items() if k != "status"}
     tick(pending)
     finetunejob._reconciled[("team", "j")] -= finetunejob._safety_net + 1
@@ -268,7 +273,7 @@ def test_a_stage_hand_off_does_not_wait_behind_the_timers_reconciles(monkeypatch
     monkeypatch.setattr(finetunejob, "_reconciled", {})
     monkeypatch.setattr(common.RUNTIME, "handlers", ThreadPoolExecutor(1))
     monkeypatch.setattr(common.RUNTIME, "background", ThreadPoolExecutor(common.BACKGROUND_WORKERS))
-    new = {"stages": [{"name": "sft", "state": "Pending"}]}
+    new = {"conditions": [{"type": "Accepted", "status": "True"}], "stages": [{"name": "sft", "state": "Pending"}]}
 
     async def main() -> float:
         ticks = [asyncio.create_task(finetunejob.poll_finetunejob(name=f"w{i}", namespace="team", uid=f"w{i}",

@@ -94,12 +94,17 @@ def poll(namespace: str, name: str, uid: str, status: Mapping[str, Any],
 
 def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
          children: kopf.Index[tuple[str, str], dict[str, Any]] | None, *, progress: bool) -> bool:
-    """Whether a tick has something to read. Always when a stage runs and its trainer's progress is
-    read (`progress`: that counts), or when no stage runs or waits for its pods (one to start, a data set to wait for).
+    """Whether a tick has something to read. Never for a job no reconcile wrote a status to yet
+    (its create or resume handler is queued: a tick would do the same work twice, in a burst of
+    new jobs for most of them). Always when a stage runs and its trainer's progress is read
+    (`progress`: that counts), or when no stage runs or waits for its pods (one to start, a data
+    set to wait for).
     A stage that runs or waits for its pods is left to its PyTorchJob's events, and looked at (why
     its pods wait) only when nothing reconciled the job for SAFETY_NET_TICKS ticks, and then not
     while the training-operator has not taken its PyTorchJob up (no condition yet: its first
     status is an event that wakes the job, and until then no pod or Event can say more)."""
+    if not status.get("conditions"):
+        return False
     stages = status.get("stages") or []
     if progress and RUNTIME.scrape_trainer and RUNTIME.settings.trainer_metrics_port \
             and any(s.get("jobName") and s.get("state") == "Running" for s in stages):

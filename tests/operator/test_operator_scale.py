@@ -460,3 +460,36 @@ def test_kopfs_requests_share_a_bounded_pool_of_connections(monkeypatch: pytest.
         assert asyncio.run(burst()) == [200] * 40
     assert most[0] == 7  # the pool's limit, reached and never passed
     assert tokens == {"Bearer secret"}
+
+
+def test_the_added_event_of_a_pytorchjob_the_operator_just_created_reconciles_nothing(
+        reconciles: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconcile that creates a stage's PyTorchJob knows what its ADDED event will say (no status
+    yet): that event costs the job no second reconcile; the training-operator's first status does."""
+    from kubetune.api import FineTuneJob
+    from kubetune.controllers.pipeline import Phase, Plan
+
+    body = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "j", "namespace": "team", "uid": "j-uid", "generation": 1},
+            "spec": {"model": {"uri": "hf://bench/tiny-llama"}, "output": {"uri": "pvc://out/j"},
+                     "stages": [{"name": "sft", "type": "sft", "resources": {"gpusPerNode": 0},
+                                 "dataset": {"uri": "pvc://data/sft.jsonl", "format": "messages"}}]}}
+    made: list[dict[str, Any]] = []
+
+    def create(kind: Any, namespace: str, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        made.append({**obj, "metadata": {**obj["metadata"], "namespace": namespace, "uid": f"uid-{len(made)}"}})
+        return made[-1], True
+
+    monkeypatch.setattr(common, "create_core", create)
+    monkeypatch.setattr(common, "create_custom", create)
+    monkeypatch.setattr(common, "event", lambda *a, **kw: None)
+    plan = Plan(stages=[{"name": "sft", "state": "Pending"}], phase=Phase.START, index=0)
+    finetunejob.start_stage(body, FineTuneJob.model_validate(body), plan, {}, "pvc://out/j")
+    pj = made[-1]
+    assert pj["kind"] == "PyTorchJob" and plan.stages[0]["jobName"] == pj["metadata"]["name"]
+
+    asyncio.run(finetunejob.on_pytorchjob(body=pj, namespace="team", uid=pj["metadata"]["uid"], type="ADDED"))
+    assert reconciles == []
+    took_up = {**pj, "status": {"conditions": [{"type": "Created", "status": "True", "reason": "Created"}]}}
+    asyncio.run(finetunejob.on_pytorchjob(body=took_up, namespace="team", uid=pj["metadata"]["uid"], type="MODIFIED"))
+    assert reconciles == [("team", "j")]

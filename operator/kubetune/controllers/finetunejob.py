@@ -144,7 +144,7 @@ async def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: 
         _observed.pop(uid, None)
     if not owner or not namespace:
         return
-    seen = (backend.observe(pj), backend.times(pj), backend.is_suspended(pj), backend.suspended_by_us(pj))
+    seen = _seen(pj)
     if type != "DELETED" and _observed.get(uid) == seen:
         return
     # a restart this event shows is counted even if the pods run again by the time reconcile reads the job
@@ -157,8 +157,15 @@ async def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: 
         _observed[uid] = seen
 
 
-# What the last reconcile woken by each PyTorchJob (by uid) saw of it, and when each job was last
-# reconciled without an error (monotonic seconds): what lets events and ticks with nothing new pass.
+def _seen(pj: dict[str, Any]) -> tuple[Any, ...]:
+    """What a reconcile reads of a stage's PyTorchJob: its state (from its conditions), times and suspension."""
+    return backend.observe(pj), backend.times(pj), backend.is_suspended(pj), backend.suspended_by_us(pj)
+
+
+# What the last reconcile woken by each PyTorchJob (by uid) saw of it (first, what the reconcile
+# that created it saw: the ADDED event of a PyTorchJob with no status yet tells its job nothing),
+# and when each job was last reconciled without an error (monotonic seconds): what lets events
+# and ticks with nothing new pass.
 _observed: dict[str, tuple[Any, ...]] = {}
 _reconciled: dict[tuple[str, str], float] = {}
 SAFETY_NET_TICKS = 6
@@ -434,6 +441,7 @@ def start_stage(
         plan.stages[i].update(state="Failed", message=plan.message)
         return
     if created:
+        _observed[existing["metadata"]["uid"]] = _seen(existing)
         metrics.PYTORCHJOBS_CREATED.labels(stage.type).inc()
         log.info("Created PyTorchJob name=%s namespace=%s finetunejob=%s stage=%s", name, namespace,
                  job.metadata.name, stage.name)

@@ -193,8 +193,7 @@ class OperatorProcess:
         return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024  # type: ignore[union-attr]
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
 
     def metric(self, name: str, having: str = "") -> float:
         """The sum of metric `name`'s samples (those whose labels include `having`, e.g. 'result="retry"')."""
@@ -202,6 +201,33 @@ class OperatorProcess:
             text = rsp.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if (line.startswith(name + "{") or line.startswith(name + " ")) and having in line)
+
+
+def process_cpu_seconds(pid: int | str) -> float:
+    """User and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def control_plane_cpu_seconds(state: Path) -> float:
+    """CPU seconds so far of the local cluster's processes (API server, etcd, scheduler,
+    controller-manager, training-operator, KWOK): those whose command line names its state folder."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if str(state).encode() in (proc / "cmdline").read_bytes():
+                total += process_cpu_seconds(proc.name)
+        except OSError:  # exited meanwhile
+            continue
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all the machine's cores spent busy so far (/proc/stat: all but idle and iowait)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def apiserver_requests(api: client.ApiClient, flow_schema: str) -> float:
@@ -233,6 +259,9 @@ class Figures:
     requests: float = math.nan
     handler_requests: float = math.nan
     throttled_seconds: float = math.nan
+    control_plane_cpu: tuple[float, float] = (math.nan, math.nan)  # phase 1, phase 2
+    operator_phase2_cpu: float = math.nan
+    cores_busy: tuple[float, float] = (math.nan, math.nan)  # the machine's, averaged over phase 1, phase 2
 
     @property
     def ratio(self) -> float:
@@ -246,6 +275,12 @@ class Figures:
     def handler_requests_per_reconcile(self) -> float:
         return self.handler_requests / self.reconciles if self.reconciles else math.nan
 
+    @property
+    def requests_per_job(self) -> tuple[float, float]:
+        """API requests per FineTuneJob of phases 2 and 3 (2N jobs): all, and the handlers' own. Unlike
+        the figures per reconcile, these fall when a reconcile with nothing to do is left out."""
+        return self.requests / (2 * self.n), self.handler_requests / (2 * self.n)
+
 
 def ensure_namespace(api: client.ApiClient, name: str) -> None:
     with contextlib.suppress(client.ApiException):
@@ -256,20 +291,23 @@ def ensure_namespace(api: client.ApiClient, name: str) -> None:
 
 def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, prefix: str = "bench",
             timeout: float = 900, start_operator: Callable[[], OperatorProcess] | None = None,
-            log: Callable[[str], None] = print) -> Figures:
+            control_plane: Callable[[], float] | None = None, log: Callable[[str], None] = print) -> Figures:
     """The three phases on the cluster of `api`. The operator is either running already, or
-    started by `start_operator` after the direct phase (so that one has the training-operator alone)."""
+    started by `start_operator` after the direct phase (so that one has the training-operator alone).
+    `control_plane`: the cluster's CPU seconds so far, to tell what each phase cost it."""
     fig = Figures(n)
+    cluster_cpu = control_plane or (lambda: math.nan)
     direct_ns, ftj_ns, two_ns = f"{prefix}-direct", f"{prefix}-kubetune", f"{prefix}-handoff"
     for ns in (direct_ns, ftj_ns, two_ns):
         ensure_namespace(api, ns)
 
     log(f"[n={n}] direct: {n} PyTorchJobs applied to the training-operator alone")
     with watching(api, PJ, direct_ns) as seen:
-        t0 = time.monotonic()
+        t0, cp0, busy0 = time.monotonic(), cluster_cpu(), machine_busy_seconds()
         create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
         wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
         fig.direct_seconds = max(seen.succeeded.values()) - t0
+        direct_cp, direct_busy = cluster_cpu() - cp0, (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
     log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
 
     if operator is None:
@@ -284,10 +322,13 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
 
     log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
     with watching(api, PJ, ftj_ns) as pjs, watching(api, FTJ, ftj_ns) as jobs:
-        t0 = time.monotonic()
+        t0, cp0, busy0 = time.monotonic(), cluster_cpu(), machine_busy_seconds()
         created = create_all(api, FTJ, ftj_ns, [finetunejob(f"k{i}", 1) for i in range(n)])
         wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
         fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
+        fig.control_plane_cpu = (direct_cp, cluster_cpu() - cp0)
+        fig.cores_busy = (direct_busy, (machine_busy_seconds() - busy0) / (time.monotonic() - t0))
+        fig.operator_phase2_cpu = operator.cpu_seconds() - cpu0
         fig.create_latency = quantiles([pjs.created[f"k{i}-s0"] - created[f"k{i}"] for i in range(n)])
     log(f"[n={n}] kubetune: all succeeded in {fig.kubetune_seconds:.1f}s")
 
@@ -439,7 +480,8 @@ def run(n: int, log: Callable[[str], None] = print) -> Figures:
         api.rest_client = client.rest.RESTClientObject(api.configuration)
         op_config = operator_kubeconfig(api, kubectl, admin, Path(work))
         with operator_process(op_config, Path(work) / "operator.log") as start:
-            return measure(api, None, n, start_operator=start, log=log)
+            return measure(api, None, n, start_operator=start, control_plane=lambda: control_plane_cpu_seconds(admin.parent),
+                           log=log)
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -457,15 +499,21 @@ def table(figures: list[Figures]) -> str:
          lambda f: f"{f.handoff_latency[0]:.2f} / {f.handoff_latency[1]:.2f}"),
         ("Operator peak RSS, 2N FineTuneJobs and 3N PyTorchJobs (MiB)", lambda f: f"{f.peak_rss_mib:.0f}"),
         ("Operator CPU, phases 2 and 3 (s)", lambda f: f"{f.cpu_seconds:.1f}"),
+        ("Control plane CPU, phase 1 / phase 2 (s); the operator's, phase 2",
+         lambda f: f"{f.control_plane_cpu[0]:.0f} / {f.control_plane_cpu[1]:.0f}; {f.operator_phase2_cpu:.0f}"),
+        ("Machine's cores busy, phase 1 / phase 2 (average)", lambda f: f"{f.cores_busy[0]:.2f} / {f.cores_busy[1]:.2f}"),
         ("Reconciles (of which retried: a write refused as stale, or throttled)",
          lambda f: f"{f.reconciles:.0f} ({f.retries:.0f})"),
         ("API requests per reconcile, all (kopf's and the handlers')", lambda f: f"{f.requests_per_reconcile:.2f}"),
         ("API requests per reconcile, the handlers' own", lambda f: f"{f.handler_requests_per_reconcile:.2f}"),
+        ("API requests per FineTuneJob, all / the handlers' own",
+         lambda f: f"{f.requests_per_job[0]:.1f} / {f.requests_per_job[1]:.1f}"),
         ("Seconds the handlers' requests waited for the client-side rate limit, summed",
          lambda f: f"{f.throttled_seconds:.0f}"),
     ]
     head = "| | " + " | ".join(f"N = {f.n}" for f in figures) + " |\n|---|" + "---:|" * len(figures) + "\n"
-    return head + "".join(f"| {label} | " + " | ".join(cell(f) for f in figures) + " |\n" for label, cell in rows)
+    return head + "".join(f"| {label} | " + " | ".join(cell(f).replace("nan", "–") for f in figures) + " |\n"
+                          for label, cell in rows)  # –: not measured (a run of an older version of this script)
 
 
 def write(path: Path, figures: list[Figures], command: str, notes: str) -> None:

@@ -4,29 +4,37 @@ phase runs against this session's cluster and operator, and every figure comes o
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from pathlib import Path
 
 from kubernetes import client
 
 from bench import operator_scale
+from e2e.conftest import Cluster
 from e2e.operator.conftest import Operator
 
 
 def test_the_operator_scale_benchmark_measures_every_figure(
-        admin_api: client.ApiClient, operator_crds: None, running_operator: Operator, tmp_path: Path) -> None:
+        cluster: Cluster, admin_api: client.ApiClient, operator_crds: None, running_operator: Operator,
+        tmp_path: Path) -> None:
     assert running_operator.proc is not None
     op = operator_scale.OperatorProcess(running_operator.proc.pid, running_operator.metrics_port)
 
-    fig = operator_scale.measure(admin_api, op, 3, prefix=f"bench-{uuid.uuid4().hex[:5]}", timeout=60)
+    fig = operator_scale.measure(admin_api, op, 3, prefix=f"bench-{uuid.uuid4().hex[:5]}", timeout=60,
+                                 control_plane=lambda: operator_scale.control_plane_cpu_seconds(cluster.state_dir))
 
     assert fig.direct_seconds > 0 and fig.kubetune_seconds > 0 and fig.two_stage_seconds > 0
     assert 0 < fig.create_latency[0] <= fig.create_latency[1] < 60
     assert 0 < fig.handoff_latency[0] <= fig.handoff_latency[1] < 60
-    assert fig.peak_rss_mib > 10 and fig.cpu_seconds > 0
+    assert fig.peak_rss_mib > 10 and fig.cpu_seconds > 0 and fig.operator_phase2_cpu > 0
+    # the API server at least answered the PyTorchJobs' creates in phase 1, and the cores did that work
+    assert fig.control_plane_cpu[0] > 0 and fig.control_plane_cpu[1] > 0 and 0 < fig.cores_busy[0] <= (os.cpu_count() or 1) + 0.1
     # 3 + 3 FineTuneJobs, each reconciled at least once per stage
     assert fig.reconciles >= 9 and fig.handler_requests > 0
     assert not math.isnan(fig.requests_per_reconcile) and fig.requests_per_reconcile > 0
+    # each job: at least its GET, its stage's ConfigMap and PyTorchJob, a status write; kopf's on top
+    assert fig.requests_per_job[0] >= fig.requests_per_job[1] >= 4
 
     report = tmp_path / "benchmarks.md"
     operator_scale.write(report, [fig], "python -m bench.operator_scale --n 3", "")

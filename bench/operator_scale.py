@@ -230,6 +230,11 @@ def machine_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def cores_busy_since(t0: float, busy0: float) -> float:
+    """The machine's cores busy on average since monotonic time `t0`, when it had been busy `busy0` seconds."""
+    return (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
+
+
 def apiserver_requests(api: client.ApiClient, flow_schema: str) -> float:
     """Requests the API server dispatched for `flow_schema` (APF), from its /metrics."""
     rsp = api.call_api("GET", api.configuration.host + "/metrics", header_params={"Accept": "text/plain"},
@@ -307,7 +312,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
         create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
         wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
         fig.direct_seconds = max(seen.succeeded.values()) - t0
-        direct_cp, direct_busy = cluster_cpu() - cp0, (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
+        direct_cp, direct_busy = cluster_cpu() - cp0, cores_busy_since(t0, busy0)
     log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
 
     if operator is None:
@@ -327,7 +332,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
         wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
         fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
         fig.control_plane_cpu = (direct_cp, cluster_cpu() - cp0)
-        fig.cores_busy = (direct_busy, (machine_busy_seconds() - busy0) / (time.monotonic() - t0))
+        fig.cores_busy = (direct_busy, cores_busy_since(t0, busy0))
         fig.operator_phase2_cpu = operator.cpu_seconds() - cpu0
         fig.create_latency = quantiles([pjs.created[f"k{i}-s0"] - created[f"k{i}"] for i in range(n)])
     log(f"[n={n}] kubetune: all succeeded in {fig.kubetune_seconds:.1f}s")

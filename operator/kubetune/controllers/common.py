@@ -2,8 +2,9 @@
 
 Handlers are synchronous (kopf runs them in its thread pool) and call one `reconcile` per
 object; the few that fire far more often than they find work (a child's status bookkeeping, a
-timer's tick) are async, decide in the event loop, and hand the reconcile to a pool (`in_pool`). Several triggers can fire for one object at once (its own change, a child's event, a
-timer), so each reconcile holds a per-object lock and reads the object fresh; children have
+timer's tick) are async, decide in the event loop, and hand the reconcile to a pool (`in_pool`).
+Several triggers can fire for one object at once (its own change, a child's event, a timer),
+so each reconcile holds a per-object lock and reads the object fresh; children have
 deterministic names, so a retry after a crash finds what it created (409 -> reuse).
 """
 

@@ -15,6 +15,7 @@ Deletion removes the children.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -116,8 +117,7 @@ def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
     if time.monotonic() - last < _safety_net:
         return False
     indexed = {pj["metadata"]["name"]: pj for pj in _indexed(children, (namespace, uid)) or []}
-    untouched = [n for n in waiting if n in indexed and not (indexed[n].get("status") or {}).get("conditions")]
-    return len(untouched) < len(waiting)
+    return any(n not in indexed or (indexed[n].get("status") or {}).get("conditions") for n in waiting)
 
 
 def register_timer(interval: float = POLL_SECONDS) -> None:
@@ -151,8 +151,8 @@ async def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: 
     restart = restarted_at(pj)
     restarts = {pj["metadata"]["name"]: restart} if restart else None
     children = kwargs.get(CHILDREN)
-    await common.in_pool(None, lambda: common.quietly(
-        lambda: reconcile(namespace, owner, restarts=restarts, children=children)))
+    await common.in_pool(None, functools.partial(
+        common.quietly, lambda: reconcile(namespace, owner, restarts=restarts, children=children)))
     if type != "DELETED" and _reconciled.get((namespace, owner)):
         _observed[uid] = seen
 

@@ -54,6 +54,7 @@ FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
 PJ = ("kubeflow.org", "v1", "pytorchjobs")
 OPERATOR_FLOW_SCHEMA = "service-accounts"
 CREATE_THREADS = 8
+TRIGGERS = ("change", "child", "timer")  # what woke a reconcile (kubetune_reconciles_total's label)
 
 
 # --- what is applied ------------------------------------------------------------------------
@@ -235,6 +236,48 @@ def cores_busy_since(t0: float, busy0: float) -> float:
     return (machine_busy_seconds() - busy0) / (time.monotonic() - t0)
 
 
+def training_operator_metrics(state: Path) -> str:
+    """The training-operator's /metrics (controller-runtime's: its client's requests by method and
+    code, its reconciles by result), found by the metrics address on its command line."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if str(state) in " ".join(args) and "--enable-scheme=pytorchjob" in args:
+            address = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-bind-address="))
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as rsp:
+                return str(rsp.read().decode())
+    raise RuntimeError(f"no training-operator of the cluster in {state} is running")
+
+
+@dataclass(frozen=True)
+class TrainingOperatorCounts:
+    """The training-operator's counters at one moment: API requests (all, and refused with 409
+    Conflict) and reconciles of PyTorchJobs (all, and those that ended in an error)."""
+
+    requests: float = math.nan
+    conflicts: float = math.nan
+    reconciles: float = math.nan
+    errors: float = math.nan
+
+    @staticmethod
+    def parse(text: str) -> TrainingOperatorCounts:
+        def total(name: str, having: str = "") -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(name + "{") and having in line)
+        return TrainingOperatorCounts(
+            requests=total("rest_client_requests_total"), conflicts=total("rest_client_requests_total", 'code="409"'),
+            reconciles=total("controller_runtime_reconcile_total", 'controller="pytorchjob-controller"'),
+            errors=total("controller_runtime_reconcile_total", 'result="error"'))
+
+    def __sub__(self, other: TrainingOperatorCounts) -> TrainingOperatorCounts:
+        return TrainingOperatorCounts(self.requests - other.requests, self.conflicts - other.conflicts,
+                                      self.reconciles - other.reconciles, self.errors - other.errors)
+
+
 def apiserver_requests(api: client.ApiClient, flow_schema: str) -> float:
     """Requests the API server dispatched for `flow_schema` (APF), from its /metrics."""
     rsp = api.call_api("GET", api.configuration.host + "/metrics", header_params={"Accept": "text/plain"},
@@ -267,6 +310,9 @@ class Figures:
     control_plane_cpu: tuple[float, float] = (math.nan, math.nan)  # phase 1, phase 2
     operator_phase2_cpu: float = math.nan
     cores_busy: tuple[float, float] = (math.nan, math.nan)  # the machine's, averaged over phase 1, phase 2
+    triggers: dict[str, float] = field(default_factory=dict)  # the operator's reconciles of phases 2 and 3 by trigger
+    training_operator: tuple[TrainingOperatorCounts, TrainingOperatorCounts] = (
+        TrainingOperatorCounts(), TrainingOperatorCounts())  # what it did in phase 1, phase 2
 
     @property
     def ratio(self) -> float:
@@ -296,23 +342,28 @@ def ensure_namespace(api: client.ApiClient, name: str) -> None:
 
 def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, prefix: str = "bench",
             timeout: float = 900, start_operator: Callable[[], OperatorProcess] | None = None,
-            control_plane: Callable[[], float] | None = None, log: Callable[[str], None] = print) -> Figures:
+            control_plane: Callable[[], float] | None = None, training_operator: Callable[[], str] | None = None,
+            log: Callable[[str], None] = print) -> Figures:
     """The three phases on the cluster of `api`. The operator is either running already, or
     started by `start_operator` after the direct phase (so that one has the training-operator alone).
-    `control_plane`: the cluster's CPU seconds so far, to tell what each phase cost it."""
+    `control_plane`: the cluster's CPU seconds so far, to tell what each phase cost it;
+    `training_operator`: its /metrics, to tell what each phase cost it."""
     fig = Figures(n)
     cluster_cpu = control_plane or (lambda: math.nan)
+
+    def to_counts() -> TrainingOperatorCounts:
+        return TrainingOperatorCounts.parse(training_operator()) if training_operator else TrainingOperatorCounts()
     direct_ns, ftj_ns, two_ns = f"{prefix}-direct", f"{prefix}-kubetune", f"{prefix}-handoff"
     for ns in (direct_ns, ftj_ns, two_ns):
         ensure_namespace(api, ns)
 
     log(f"[n={n}] direct: {n} PyTorchJobs applied to the training-operator alone")
     with watching(api, PJ, direct_ns) as seen:
-        t0, cp0, busy0 = time.monotonic(), cluster_cpu(), machine_busy_seconds()
+        t0, cp0, busy0, to0 = time.monotonic(), cluster_cpu(), machine_busy_seconds(), to_counts()
         create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
         wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
         fig.direct_seconds = max(seen.succeeded.values()) - t0
-        direct_cp, direct_busy = cluster_cpu() - cp0, cores_busy_since(t0, busy0)
+        direct_cp, direct_busy, direct_to = cluster_cpu() - cp0, cores_busy_since(t0, busy0), to_counts() - to0
     log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
 
     if operator is None:
@@ -320,6 +371,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
         operator = start_operator()
     requests0 = apiserver_requests(api, OPERATOR_FLOW_SCHEMA)
     reconciles0 = operator.metric("kubetune_reconciles_total")
+    triggers0 = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') for t in TRIGGERS}
     retries0 = operator.metric("kubetune_reconciles_total", 'result="retry"')
     handler0 = operator.metric("kubetune_api_requests_total")
     throttled0 = operator.metric("kubetune_api_throttled_seconds_total")
@@ -327,10 +379,11 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
 
     log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
     with watching(api, PJ, ftj_ns) as pjs, watching(api, FTJ, ftj_ns) as jobs:
-        t0, cp0, busy0 = time.monotonic(), cluster_cpu(), machine_busy_seconds()
+        t0, cp0, busy0, to0 = time.monotonic(), cluster_cpu(), machine_busy_seconds(), to_counts()
         created = create_all(api, FTJ, ftj_ns, [finetunejob(f"k{i}", 1) for i in range(n)])
         wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
         fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
+        fig.training_operator = (direct_to, to_counts() - to0)
         fig.control_plane_cpu = (direct_cp, cluster_cpu() - cp0)
         fig.cores_busy = (direct_busy, cores_busy_since(t0, busy0))
         fig.operator_phase2_cpu = operator.cpu_seconds() - cpu0
@@ -349,6 +402,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     time.sleep(2)  # the last status writes and Events
     fig.requests = apiserver_requests(api, OPERATOR_FLOW_SCHEMA) - requests0
     fig.reconciles = operator.metric("kubetune_reconciles_total") - reconciles0
+    fig.triggers = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') - v for t, v in triggers0.items()}
     fig.retries = operator.metric("kubetune_reconciles_total", 'result="retry"') - retries0
     fig.handler_requests = operator.metric("kubetune_api_requests_total") - handler0
     fig.throttled_seconds = operator.metric("kubetune_api_throttled_seconds_total") - throttled0
@@ -486,7 +540,7 @@ def run(n: int, log: Callable[[str], None] = print) -> Figures:
         op_config = operator_kubeconfig(api, kubectl, admin, Path(work))
         with operator_process(op_config, Path(work) / "operator.log") as start:
             return measure(api, None, n, start_operator=start, control_plane=lambda: control_plane_cpu_seconds(admin.parent),
-                           log=log)
+                           training_operator=lambda: training_operator_metrics(admin.parent), log=log)
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -507,8 +561,13 @@ def table(figures: list[Figures]) -> str:
         ("Control plane CPU, phase 1 / phase 2 (s); the operator's, phase 2",
          lambda f: f"{f.control_plane_cpu[0]:.0f} / {f.control_plane_cpu[1]:.0f}; {f.operator_phase2_cpu:.0f}"),
         ("Machine's cores busy, phase 1 / phase 2 (average)", lambda f: f"{f.cores_busy[0]:.2f} / {f.cores_busy[1]:.2f}"),
+        ("Training-operator per PyTorchJob, phase 1 / phase 2: API requests (409 Conflict); reconciles (errors)",
+         lambda f: " / ".join(f"{c.requests / f.n:.1f} ({c.conflicts / f.n:.2f}); {c.reconciles / f.n:.1f} "
+                              f"({c.errors / f.n:.2f})" for c in f.training_operator)),
         ("Reconciles (of which retried: a write refused as stale, or throttled)",
          lambda f: f"{f.reconciles:.0f} ({f.retries:.0f})"),
+        ("Reconciles per FineTuneJob by what woke them: its change / its PyTorchJob / the timer",
+         lambda f: " / ".join(f"{f.triggers.get(t, math.nan) / (2 * f.n):.1f}" for t in TRIGGERS)),
         ("API requests per reconcile, all (kopf's and the handlers')", lambda f: f"{f.requests_per_reconcile:.2f}"),
         ("API requests per reconcile, the handlers' own", lambda f: f"{f.handler_requests_per_reconcile:.2f}"),
         ("API requests per FineTuneJob, all / the handlers' own",
@@ -550,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         figures.append(run(n))
         print(table(figures), flush=True)
     if args.json:
-        print(json.dumps([{**f.__dict__, "ratio": f.ratio, "requests_per_reconcile": f.requests_per_reconcile}
+        print(json.dumps([{**f.__dict__, "training_operator": [c.__dict__ for c in f.training_operator],
+                           "ratio": f.ratio, "requests_per_reconcile": f.requests_per_reconcile}
                           for f in figures], indent=2))
     if args.write:
         command = "python -m bench.operator_scale " + " ".join(f"--n {f.n}" for f in figures) + f" --write {args.write}"

@@ -22,7 +22,8 @@ def test_the_operator_scale_benchmark_measures_every_figure(
     op = operator_scale.OperatorProcess(running_operator.proc.pid, running_operator.metrics_port)
 
     fig = operator_scale.measure(admin_api, op, 3, prefix=f"bench-{uuid.uuid4().hex[:5]}", timeout=60,
-                                 control_plane=lambda: operator_scale.control_plane_cpu_seconds(cluster.state_dir))
+                                 control_plane=lambda: operator_scale.control_plane_cpu_seconds(cluster.state_dir),
+                                 training_operator=lambda: operator_scale.training_operator_metrics(cluster.state_dir))
 
     assert fig.direct_seconds > 0 and fig.kubetune_seconds > 0 and fig.two_stage_seconds > 0
     assert 0 < fig.create_latency[0] <= fig.create_latency[1] < 60
@@ -30,8 +31,13 @@ def test_the_operator_scale_benchmark_measures_every_figure(
     assert fig.peak_rss_mib > 10 and fig.cpu_seconds > 0 and fig.operator_phase2_cpu > 0
     # the API server at least answered the PyTorchJobs' creates in phase 1, and the cores did that work
     assert fig.control_plane_cpu[0] > 0 and fig.control_plane_cpu[1] > 0 and 0 < fig.cores_busy[0] <= (os.cpu_count() or 1) + 0.1
+    # the training-operator made each PyTorchJob's pods and wrote its status, in both phases
+    for counts in fig.training_operator:
+        assert counts.requests >= 3 * 3 and counts.reconciles >= 3 and counts.conflicts >= 0 and counts.errors >= 0
     # 3 + 3 FineTuneJobs, each reconciled at least once per stage
     assert fig.reconciles >= 9 and fig.handler_requests > 0
+    # each job's creation woke it, and its PyTorchJob's status woke it again
+    assert fig.triggers["change"] >= 6 and fig.triggers["child"] >= 6 and sum(fig.triggers.values()) <= fig.reconciles
     assert not math.isnan(fig.requests_per_reconcile) and fig.requests_per_reconcile > 0
     # each job: at least its GET, its stage's ConfigMap and PyTorchJob, a status write; kopf's on top
     assert fig.requests_per_job[0] >= fig.requests_per_job[1] >= 4

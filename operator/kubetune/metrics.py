@@ -3,7 +3,9 @@
 Names carry the `kubetune_` prefix and base units; counters end in `_total`; labels are
 few and bounded (kind, result, condition, stage type), never object names.
 
-    kubetune_reconciles_total{kind,result}            reconciles by outcome: success, retry, error
+    kubetune_reconciles_total{kind,trigger,result}    reconciles by what woke them (change: the object's own;
+                                                      child: a child's event; dataset; timer) and outcome:
+                                                      success, retry, error
     kubetune_reconcile_errors_total{kind,error}       failed reconciles: permanent, unexpected
     kubetune_reconcile_duration_seconds{kind}         time spent in one reconcile (histogram)
     kubetune_finetunejobs{condition}                  FineTuneJobs whose condition is True now
@@ -27,8 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter(
-    "kubetune_reconciles", "Reconciles by kind and outcome (success, retry, error).",
-    ["kind", "result"], registry=REGISTRY,
+    "kubetune_reconciles", "Reconciles by kind, what woke them (change, child, dataset, timer) and outcome "
+    "(success, retry, error).", ["kind", "trigger", "result"], registry=REGISTRY,
 )
 ERRORS = Counter(
     "kubetune_reconcile_errors", "Reconciles that failed, by kind and error (permanent, unexpected).",
@@ -88,26 +90,26 @@ def set_job_conditions(key: str, true_conditions: set[str] | None) -> None:
 
 
 @contextmanager
-def reconciling(kind: str) -> Iterator[None]:
-    """Count and time one reconcile of `kind`, classifying how it ended."""
+def reconciling(kind: str, trigger: str = "change") -> Iterator[None]:
+    """Count and time one reconcile of `kind`, woken by `trigger`, classifying how it ended."""
     import kopf
 
     start = time.monotonic()
     try:
         yield
     except kopf.TemporaryError:
-        RECONCILES.labels(kind, "retry").inc()  # "not yet": waiting is no error
+        RECONCILES.labels(kind, trigger, "retry").inc()  # "not yet": waiting is no error
         raise
     except kopf.PermanentError:
-        RECONCILES.labels(kind, "error").inc()
+        RECONCILES.labels(kind, trigger, "error").inc()
         ERRORS.labels(kind, "permanent").inc()
         raise
     except Exception:
-        RECONCILES.labels(kind, "error").inc()
+        RECONCILES.labels(kind, trigger, "error").inc()
         ERRORS.labels(kind, "unexpected").inc()
         raise
     else:
-        RECONCILES.labels(kind, "success").inc()
+        RECONCILES.labels(kind, trigger, "success").inc()
     finally:
         DURATION.labels(kind).observe(time.monotonic() - start)
 

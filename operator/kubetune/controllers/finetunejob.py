@@ -90,7 +90,8 @@ def poll(namespace: str, name: str, uid: str, status: Mapping[str, Any],
     scraped = scrape_running_stage(namespace, status) if RUNTIME.scrape_trainer else None
     if scraped is None and not _due(namespace, name, uid, status, children, progress=False):
         return  # no progress read after all (no pod IP yet, an endpoint that did not answer)
-    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped, children=children))
+    common.quietly(lambda: reconcile(namespace, name, scrape=True, scraped=scraped, children=children,
+                                     trigger="timer"))
 
 
 def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
@@ -152,7 +153,7 @@ async def on_pytorchjob(body: kopf.Body, namespace: str | None, uid: str, type: 
     restarts = {pj["metadata"]["name"]: restart} if restart else None
     children = kwargs.get(CHILDREN)
     await common.in_pool(None, functools.partial(
-        common.quietly, lambda: reconcile(namespace, owner, restarts=restarts, children=children)))
+        common.quietly, lambda: reconcile(namespace, owner, restarts=restarts, children=children, trigger="child")))
     if type != "DELETED" and _reconciled.get((namespace, owner)):
         _observed[uid] = seen
 
@@ -252,7 +253,7 @@ def on_preferencedataset(name: str, namespace: str | None, **kwargs: Any) -> Non
     if not namespace:
         return
     for job in sorted(set(index.get((namespace, name), []))):
-        common.quietly(lambda: reconcile(namespace, job, children=kwargs.get(CHILDREN)))
+        common.quietly(lambda: reconcile(namespace, job, children=kwargs.get(CHILDREN), trigger="dataset"))
 
 
 @kopf.on.delete(*FINETUNEJOBS)
@@ -290,8 +291,8 @@ class Scraped:
 
 def reconcile(namespace: str, name: str, *, scrape: bool = False, scraped: Scraped | None = None,
               restarts: dict[str, str] | None = None,
-              children: kopf.Index[tuple[str, str], dict[str, Any]] | None = None) -> None:
-    with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob"):
+              children: kopf.Index[tuple[str, str], dict[str, Any]] | None = None, trigger: str = "change") -> None:
+    with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob", trigger):
         _reconciled.pop((namespace, name), None)
         body = common.get_custom(FINETUNEJOBS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):

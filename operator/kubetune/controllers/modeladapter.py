@@ -53,7 +53,7 @@ def on_inferenceservice(body: kopf.Body, namespace: str | None, **_: Any) -> Non
         return
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == "ModelAdapter":
-            common.quietly(lambda: reconcile(namespace, ref["name"], apply=False))
+            common.quietly(lambda: reconcile(namespace, ref["name"], apply=False, trigger="child"))
 
 
 def _waiting_for_service(status: Mapping[str, Any], **_: Any) -> bool:
@@ -65,7 +65,7 @@ def _waiting_for_service(status: Mapping[str, Any], **_: Any) -> bool:
 @kopf.timer(*MODELADAPTERS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, when=_waiting_for_service)
 def resync_modeladapter(name: str, namespace: str | None, **_: Any) -> None:
     """Mirror the service's readiness even when its events were missed (see the module's note)."""
-    common.quietly(lambda: reconcile(namespace or "", name, apply=False))
+    common.quietly(lambda: reconcile(namespace or "", name, apply=False, trigger="timer"))
 
 
 @kopf.on.delete(*MODELADAPTERS)
@@ -89,8 +89,8 @@ def on_modeladapter_deleted(name: str, namespace: str | None, body: kopf.Body, *
     common.forget("ModelAdapter", namespace, name)
 
 
-def reconcile(namespace: str, name: str, apply: bool = True) -> None:
-    with common.locked("ModelAdapter", namespace, name), metrics.reconciling("ModelAdapter"):
+def reconcile(namespace: str, name: str, apply: bool = True, trigger: str = "change") -> None:
+    with common.locked("ModelAdapter", namespace, name), metrics.reconciling("ModelAdapter", trigger):
         body = common.get_custom(MODELADAPTERS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
             _reconcile(body, apply)

@@ -38,11 +38,11 @@ def on_preferencedataset(name: str, namespace: str | None, **_: Any) -> None:
 def on_validation_job(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     owner = common.owner_name(dict(body), "PreferenceDataset")
     if owner and namespace:
-        common.quietly(lambda: reconcile(namespace, owner))
+        common.quietly(lambda: reconcile(namespace, owner, trigger="child"))
 
 
-def reconcile(namespace: str, name: str) -> None:
-    with common.locked("PreferenceDataset", namespace, name), metrics.reconciling("PreferenceDataset"):
+def reconcile(namespace: str, name: str, trigger: str = "change") -> None:
+    with common.locked("PreferenceDataset", namespace, name), metrics.reconciling("PreferenceDataset", trigger):
         body = common.get_custom(PREFERENCEDATASETS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
             _reconcile(body)

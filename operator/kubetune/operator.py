@@ -199,7 +199,7 @@ def run(options: OperatorOptions) -> int:
     from kubetune import controllers, metrics  # importing registers the handlers
     from kubetune.controllers import common
 
-    controllers.finetunejob.register_timer(options.progress_interval)
+    controllers.finetunejob.register_timer(options.progress_interval, peering=not options.standalone)
 
     global OPTIONS
     OPTIONS = options

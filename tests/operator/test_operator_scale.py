@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.server
 import itertools
+import json
 import logging
 import socket
 import threading
@@ -210,7 +211,7 @@ def test_a_pytorchjob_event_with_nothing_new_for_its_job_reconciles_nothing(reco
 
 def tick(status: dict[str, Any], children: dict[tuple[str, str], list[dict[str, Any]]] | None = None,
          name: str = "j") -> None:
-    """One tick of the FineTuneJob timer, as kopf runs it."""
+    """One tick of the FineTuneJob timer on one job, as its loop (poll_forever) runs it."""
     asyncio.run(finetunejob.poll_finetunejob(name=name, namespace="team", uid="j-uid", status=status,
                                              **{finetunejob.CHILDREN: children or {}}))
 
@@ -493,3 +494,124 @@ def test_the_added_event_of_a_pytorchjob_the_operator_just_created_reconciles_no
     took_up = {**pj, "status": {"conditions": [{"type": "Created", "status": "True", "reason": "Created"}]}}
     asyncio.run(finetunejob.on_pytorchjob(body=took_up, namespace="team", uid=pj["metadata"]["uid"], type="MODIFIED"))
     assert reconciles == [("team", "j")]
+
+
+def test_the_timer_is_one_loop_so_kopf_keeps_no_finetunejob_bodies() -> None:
+    """kopf keeps the whole latest body of every object of a kind with a timer or daemon (finished
+    ones too): the FineTuneJob timer is a loop of the operator's over a slim index instead."""
+    from kopf._cogs.structs import references
+
+    finetunejob.register_timer(10.0, peering=True)
+    registry = kopf.get_default_registry()
+    ftj = references.Resource(*common.FINETUNEJOBS, kind="FineTuneJob", namespaced=True)
+    assert not registry._spawning.has_handlers(resource=ftj)
+    assert registry._indexing.has_handlers(resource=ftj)
+    entry = finetunejob.unfinished_finetunejobs(
+        name="j", namespace="team", uid="j-uid",
+        status={"conditions": [{"type": "Accepted", "status": "True", "message": "m" * 500}],
+                "stages": [{"name": "sft", "state": "Running", "jobName": "j-sft", "metrics": {"loss": 1.0}}]})
+    assert entry == {("team", "j"): ("j-uid", {"conditions": [{"type": "Accepted", "status": "True"}],
+                                               "stages": [{"name": "sft", "state": "Running", "jobName": "j-sft"}]})}
+
+
+def test_the_timer_finds_kopfs_pause_state_so_it_pauses_with_peering() -> None:
+    """kopf hands its pause state (peering: another replica acts) to no handler; the loop reads it
+    from kopf's own task. An upgrade of kopf that moves it fails here, not in a cluster."""
+    from kopf._cogs.aiokits import aiotoggles
+
+    found: list[Any] = []
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server="https://127.0.0.1:1")  # nothing answers: only the tasks matter
+
+    async def command() -> None:
+        found.append(finetunejob.kopf_pause())
+
+    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True, _command=command()))
+    assert isinstance(found[0], aiotoggles.ToggleSet)
+
+
+class Pause:
+    def __init__(self) -> None:
+        self.on = False
+        self.off = asyncio.Event()
+
+    def is_on(self) -> bool:
+        return self.on
+
+    async def wait_for(self, value: bool) -> None:
+        assert value is False
+        await self.off.wait()
+
+
+def test_the_timer_loop_ticks_jobs_with_work_one_at_a_time_and_waits_out_a_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    accepted = [{"type": "Accepted", "status": "True"}]
+    jobs = {("team", "new"): [("n-uid", {"conditions": accepted, "stages": [{"name": "sft", "state": "Pending"}]})],
+            ("team", "queued"): [("q-uid", {})]}  # no status yet: its create handler's
+    ticks: list[str] = []
+    release = asyncio.Event()
+
+    async def poll(name: str, namespace: str, uid: str, status: dict[str, Any], **_: Any) -> None:
+        ticks.append(name)
+        await release.wait()  # a slow tick: the next sweeps leave the job alone while it runs
+
+    monkeypatch.setattr(finetunejob, "poll_finetunejob", poll)
+    monkeypatch.setattr(finetunejob, "_reconciled", {})
+    pause = Pause()
+
+    async def main() -> None:
+        loop = asyncio.create_task(finetunejob.poll_forever(0.01, jobs, {}, pause))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        assert ticks == ["new"]
+        release.set()
+        await asyncio.sleep(0.1)
+        assert len(ticks) > 2 and set(ticks) == {"new"}
+        pause.on = True
+        await asyncio.sleep(0.05)
+        paused_at = len(ticks)
+        await asyncio.sleep(0.1)
+        assert len(ticks) == paused_at  # another replica acts: not a tick
+        pause.on = False
+        pause.off.set()
+        await asyncio.sleep(0.1)
+        assert len(ticks) > paused_at
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_tick_the_api_server_refuses_is_logged_on_one_line_and_tried_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # After an API server restart its RBAC cache fills for a moment: a 403 then is retried, and the
+    # log says so on the line that names the refusal (the chaos e2e test reads exactly that).
+    running = [{"type": "Accepted", "status": "True"}]
+    jobs = {("team", "job"): [("uid", {"conditions": running, "stages": [{"name": "sft", "state": "Pending"}]})]}
+    refusal = client.ApiException(status=403, reason="Forbidden")
+    refusal.body = json.dumps({"kind": "Status", "message": 'finetunejobs.kubetune.io "job" is forbidden: User "x"'})
+    ticks: list[str] = []
+
+    async def poll(name: str, **_: Any) -> None:
+        ticks.append(name)
+        if len(ticks) == 1:
+            raise refusal
+
+    monkeypatch.setattr(finetunejob, "poll_finetunejob", poll)
+    monkeypatch.setattr(finetunejob, "_reconciled", {})
+
+    async def main() -> None:
+        loop = asyncio.create_task(finetunejob.poll_forever(0.01, jobs, {}, None))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger=finetunejob.log.name):
+        asyncio.run(main())
+    assert len(ticks) > 1  # tried again at the next tick
+    refused = [r.getMessage() for r in caplog.records if "is forbidden: User" in r.getMessage()]
+    assert refused == ['FineTuneJob timer tick failed, will retry at the next tick: finetunejob=team/job '
+                       '(403 Forbidden) finetunejobs.kubetune.io "job" is forbidden: User "x"']
+    assert all(r.exc_info is None for r in caplog.records)  # no traceback whose lines lose the "will retry"

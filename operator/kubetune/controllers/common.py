@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -224,6 +225,15 @@ async def in_pool(pool: Executor | None, fn: Callable[[], Any]) -> Any:
     if cancelled is not None:
         raise cancelled
     return future.result()
+
+
+def api_error(e: client.ApiException) -> str:
+    """An API server's refusal on one line: its code, reason and the message of its Status body."""
+    try:
+        message = json.loads(e.body or "{}").get("message") or ""
+    except (ValueError, AttributeError):
+        message = str(e.body or "")
+    return f"({e.status} {e.reason}) {message}".strip()
 
 
 def quietly(fn: Any, *args: Any) -> None:

@@ -8,12 +8,14 @@ The whole life of a job, in `reconcile`:
 4. write the whole status (conditions, stages, progress) and post an Event per transition;
 5. when every stage succeeded, publish a ModelAdapter if spec.publish asks for one.
 Triggers: the job's own changes, its PyTorchJobs' and PreferenceDatasets' watch events, and a
-timer (registered by kubetune.operator) that also reads the running trainer's progress.
+timer (registered by kubetune.operator) that also reads the running trainer's progress: one
+loop over an index of the unfinished jobs, not a kopf timer per job (`register_timer` says why).
 Deletion removes the children.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import logging
@@ -37,7 +39,7 @@ from kubetune.backends import kueue
 from kubetune.backends import pytorchjob as backend
 from kubetune.backends import trainer_metrics
 from kubetune.controllers import common
-from kubetune.controllers.common import FINETUNEJOBS, MODELADAPTERS, PREFERENCEDATASETS, RUNTIME
+from kubetune.controllers.common import FINETUNEJOBS, MODELADAPTERS, PREFERENCEDATASETS, RUNTIME, api_error
 from kubetune.controllers.pipeline import (
     Phase,
     Plan,
@@ -73,9 +75,9 @@ def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
 
 async def poll_finetunejob(name: str, namespace: str | None, uid: str, status: Mapping[str, Any],
                            **kwargs: Any) -> None:
-    """A kopf timer on unfinished jobs (see `register_timer`): progress, and why pods wait. Whether
-    a tick has anything to do is decided here, in the event loop; the reads and the reconcile run
-    in the background pool (common.background_pool), never in the handlers' threads."""
+    """One tick of the timer on one unfinished job (see `register_timer`): progress, and why pods
+    wait. Whether a tick has anything to do is decided here, in the event loop; the reads and the
+    reconcile run in the background pool (common.background_pool), never in the handlers' threads."""
     namespace = namespace or ""
     children = kwargs.get(CHILDREN)
     if not _due(namespace, name, uid, status, children, progress=True):
@@ -121,15 +123,121 @@ def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
     return any(n not in indexed or (indexed[n].get("status") or {}).get("conditions") for n in waiting)
 
 
-def register_timer(interval: float = POLL_SECONDS) -> None:
-    """Register `poll_finetunejob` every `interval` seconds (`kubetune operator --progress-interval`).
+def register_timer(interval: float = POLL_SECONDS, *, peering: bool = True) -> None:
+    """Tick every unfinished job every `interval` seconds (`kubetune operator --progress-interval`)
+    with `poll_finetunejob`, from one loop the operator starts (`poll_forever`).
+    Not a kopf timer per job: kopf keeps the whole latest body of every object of a kind that has
+    one (for the timer's arguments), finished jobs too, about 30 KB of Python objects per
+    FineTuneJob (managedFields, kopf's annotations, the status), and a task per unfinished job; the
+    loop reads a slim index of the unfinished jobs instead (`unfinished_finetunejobs`).
     A job whose stage runs with no new progress, or waits for its pods, is reconciled by the timer
     only when nothing else reconciled it for SAFETY_NET_TICKS ticks: a thousand jobs waiting for
     the training-operator would otherwise keep the workers and the rate limit busy with lookups of
-    why their pods wait, and the hand-offs would queue behind them."""
+    why their pods wait, and the hand-offs would queue behind them.
+    `peering`: replicas coordinate through kopf peering, so the loop pauses when kopf pauses this
+    replica, as kopf's timers do (`kopf_pause`)."""
     global _safety_net
     _safety_net = SAFETY_NET_TICKS * interval
-    kopf.timer(*FINETUNEJOBS, interval=interval, initial_delay=interval, when=_unfinished)(poll_finetunejob)
+    loop: dict[str, asyncio.Task[None]] = {}
+
+    async def start(**kwargs: Any) -> None:
+        paused = kopf_pause()
+        if peering and paused is None:
+            raise kopf.PermanentError(
+                "kopf's pause state (peering) was not found in this version of kopf, so the FineTuneJob timer could "
+                "not pause with the operator; run with --standalone (one replica), or a kopf version kubetune supports")
+        loop["task"] = asyncio.create_task(poll_forever(interval, kwargs[UNFINISHED], kwargs[CHILDREN], paused),
+                                           name="kubetune FineTuneJob timer")
+
+    async def stop(**_: Any) -> None:
+        if task := loop.pop("task", None):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    kopf.on.startup(id="finetunejob-timer")(start)
+    kopf.on.cleanup(id="finetunejob-timer")(stop)
+
+
+@kopf.index(*FINETUNEJOBS, when=_unfinished)
+def unfinished_finetunejobs(name: str, namespace: str | None, uid: str, status: Mapping[str, Any],
+                            **_: Any) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+    """What the timer reads of each unfinished job: (namespace, name) -> (uid, its status less all
+    but what `_due` and the trainer's scrape read: the conditions' types and statuses, the stages'
+    states and PyTorchJobs). kopf keeps it from the FineTuneJob watch and drops a job once it
+    finished or was deleted."""
+    slim = {"conditions": [{"type": c.get("type"), "status": c.get("status")} for c in status.get("conditions") or []],
+            "stages": [{k: st[k] for k in ("name", "state", "jobName") if k in st} for st in status.get("stages") or []]}
+    return {(namespace or "", name): (uid, slim)}
+
+
+UNFINISHED = "unfinished_finetunejobs"  # kopf passes each index to every handler by its function's name
+
+
+async def poll_forever(interval: float, jobs: kopf.Index[tuple[str, str], tuple[str, dict[str, Any]]],
+                       children: kopf.Index[tuple[str, str], dict[str, Any]] | None, paused: Any) -> None:
+    """Every `interval` seconds, a tick (`poll_finetunejob`) for every unfinished job that has
+    something to read (`_due`, decided here in the event loop) and no tick of its own still running.
+    At most 2 x BACKGROUND_WORKERS ticks wait for the pool at once; the sweep waits for a free
+    place. `paused`: kopf's pause state of the operator (None: never paused), waited out."""
+    running: set[tuple[str, str]] = set()
+    places = asyncio.Semaphore(2 * common.BACKGROUND_WORKERS)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(key: tuple[str, str], uid: str, status: dict[str, Any]) -> None:
+        try:
+            await poll_finetunejob(name=key[1], namespace=key[0], uid=uid, status=status, **{CHILDREN: children})
+        except client.ApiException as e:  # a tick's failure is the next tick's business; the loop goes on
+            log.warning("FineTuneJob timer tick failed, will retry at the next tick: finetunejob=%s/%s %s", *key,
+                        api_error(e))
+        except Exception:
+            log.exception("FineTuneJob timer tick failed, will retry at the next tick: finetunejob=%s/%s", *key)
+        finally:
+            running.discard(key)
+            places.release()
+
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            if paused is not None and paused.is_on():
+                await paused.wait_for(False)
+                continue
+            snapshot = [(key, next(iter(values))) for key, values in list(jobs.items()) if len(values) == 1]
+            for (namespace, name), (uid, status) in snapshot:
+                if (namespace, name) in running or not _due(namespace, name, uid, status, children, progress=True):
+                    continue
+                await places.acquire()
+                if paused is not None and paused.is_on():
+                    places.release()
+                    break
+                running.add((namespace, name))
+                task = asyncio.create_task(one((namespace, name), uid, status))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+    finally:
+        for task in list(tasks):
+            task.cancel()
+
+
+def kopf_pause() -> Any:
+    """kopf's pause state of this operator (a ToggleSet, on while peering says another replica
+    acts), or None where it is not found. kopf stops its own timers and daemons by it but hands it
+    to no handler: here it is read from the arguments of kopf's "daemon killer" task (kopf 1.37 to
+    1.45; tests/operator/test_operator_scale.py checks the installed kopf still has it)."""
+    for task in asyncio.all_tasks():
+        if task.get_name() != "daemon killer":
+            continue
+        guard: Any = task.get_coro()
+        inner = _argument(guard, "coro")
+        paused = _argument(inner, "operator_paused")
+        if callable(getattr(paused, "is_on", None)) and callable(getattr(paused, "wait_for", None)):
+            return paused
+    return None
+
+
+def _argument(coroutine: Any, name: str) -> Any:
+    """The argument `name` of a coroutine that has not finished (None otherwise)."""
+    frame = getattr(coroutine, "cr_frame", None)
+    return frame.f_locals.get(name) if frame is not None else None
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})

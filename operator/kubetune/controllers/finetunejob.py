@@ -185,6 +185,7 @@ async def poll_forever(interval: float, jobs: kopf.Index[tuple[str, str], tuple[
 
     async def one(key: tuple[str, str], uid: str, status: dict[str, Any]) -> None:
         try:
+            # poll_finetunejob asks `_due` again: a reconcile while the tick waited for a place makes it moot
             await poll_finetunejob(name=key[1], namespace=key[0], uid=uid, status=status, **{CHILDREN: children})
         except client.ApiException as e:  # a tick's failure is the next tick's business; the loop goes on
             log.warning("FineTuneJob timer tick failed, will retry at the next tick: finetunejob=%s/%s %s", *key,

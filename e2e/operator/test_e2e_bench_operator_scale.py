@@ -42,6 +42,18 @@ def test_the_operator_scale_benchmark_measures_every_figure(
     # each job: at least its GET, its stage's ConfigMap and PyTorchJob, a status write; kopf's on top
     assert fig.requests_per_job[0] >= fig.requests_per_job[1] >= 4
 
+    # --audit's breakdown (a cluster this session started has the training-operator's audit log):
+    # each PyTorchJob's pod, Service and status writes, in both phases, with their time in the API server
+    audit_log = cluster.state_dir / "audit.log"
+    assert audit_log.exists() or os.environ.get("KUBETUNE_REUSE_CLUSTER") == "1"
+    if audit_log.exists():
+        for since, until in fig.phase_times:
+            audited = operator_scale.audited_requests(audit_log, operator_scale.TRAINING_OPERATOR_USER, since, until)
+            counts = audited.counts()
+            assert counts.get("create pods", 0) >= 3 and counts.get("create services", 0) >= 3, counts
+            assert counts.get("update pytorchjobs/status", 0) >= 3, counts
+            assert 0 < audited.latency_ms()[0] <= audited.latency_ms()[1], audited.latency_ms()
+
     report = tmp_path / "benchmarks.md"
     operator_scale.write(report, [fig], "python -m bench.operator_scale --n 3", "")
     operator_scale.write(report, [fig], "python -m bench.operator_scale --n 3", "")  # replaces its own section

@@ -576,11 +576,12 @@ def operator_process(kubeconfig: Path, log_file: Path) -> Iterator[Callable[[], 
 
 def run(n: int, log: Callable[[str], None] = print, audit: bool = False) -> Figures:
     """The three phases on a cluster of their own; `audit`: the training-operator's requests of
-    phases 1 and 2 counted by verb and resource, from an audit log of the API server."""
+    phases 1 and 2 and the operator's of phases 2 and 3, by verb and resource, from an audit log."""
     # every pod of the run fits (110 a node; Succeeded pods are left in place): N + N + 2N
     nodes = max(4, math.ceil(4 * n / 100))
     log(f"[n={n}] starting a local cluster with {nodes} fake nodes")
-    with local_cluster(nodes, f"{TRAINING_OPERATOR_USER},{OPERATOR_USER}" if audit else "") as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
+    audit_users = f"{TRAINING_OPERATOR_USER},{OPERATOR_USER}" if audit else ""
+    with local_cluster(nodes, audit_users) as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
         kubectl = bin_dir() / "kubectl"
         subprocess.run([str(kubectl), "--kubeconfig", str(admin), "apply", "--server-side", "-f", str(REPO / "crds")],
                        check=True, stdout=subprocess.DEVNULL)

@@ -21,7 +21,7 @@ uv:
 
 $(VENV)/.installed: pyproject.toml | uv
 	test -x $(PY) || python3 -m uv venv --quiet --python python3 $(VENV)
-	python3 -m uv pip install --quiet --python $(PY) -e '.[operator,trainer,dev,serve]'
+	python3 -m uv pip install --quiet --compile-bytecode --python $(PY) -e '.[operator,trainer,dev,serve]'
 	touch $@
 
 demo: setup

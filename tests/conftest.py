@@ -48,18 +48,18 @@ def whisper(spoken: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     return Path(run["outputUri"]), metrics
 
 
-# Seconds each long group took in `make unit` (2 workers, `--junitxml` times, 2026-11-30), so that
-# the workers start the long ones first and end together; xdist hands out the groups in this order
-# (`--no-loadscope-reorder`), and groups not listed (each under a minute) follow in file order.
+# Seconds each long group takes in `make unit` (2 workers; the fresh-clone run of 2026-12-02, `--durations`, with the
+# cuts of 2026-12-03 measured alone: CTC one run of two, GRPO 600 steps, the vision examples inside the clip and
+# diffusion tests), so that the workers start the long ones first and end together; xdist hands out the groups in
+# this order (`--no-loadscope-reorder`), and groups not listed (each under a minute) follow in file order.
 GROUP_SECONDS = {
-    "whisper": 582, "tests/trainer/test_grpo_recipe.py": 396, "tests/trainer/test_speech_ctc.py": 386,
-    "tests/local/test_vision_examples.py": 267, "tests/trainer/test_diffusion.py": 252,
-    "tests/trainer/test_clip.py": 249, "tests/serving/test_vllm_cpu.py": 248, "tests/trainer/test_ppo.py": 210,
-    "tests/trainer/test_distributed.py": 199, "tests/trainer/test_image_classification.py": 103,
-    "tests/local/test_runner_pipeline.py": 82, "tests/local/test_runner.py": 81,
-    "tests/trainer/test_preference_recipes.py": 74, "tests/serving/test_serve_clip.py": 65,
-    "tests/trainer/test_peft_methods.py": 65, "tests/serving/test_serve.py": 64, "tests/bench/test_bench_gpu.py": 50,
-    "tests/bench/test_bench_trainer_cpu.py": 40,
+    "whisper": 582, "tests/trainer/test_speech_ctc.py": 400, "tests/trainer/test_grpo_recipe.py": 380,
+    "tests/trainer/test_diffusion.py": 310, "tests/trainer/test_clip.py": 250, "tests/serving/test_vllm_cpu.py": 248,
+    "tests/trainer/test_ppo.py": 210, "tests/trainer/test_distributed.py": 199,
+    "tests/trainer/test_image_classification.py": 103, "tests/local/test_runner_pipeline.py": 82,
+    "tests/local/test_runner.py": 81, "tests/trainer/test_preference_recipes.py": 74,
+    "tests/serving/test_serve_clip.py": 65, "tests/trainer/test_peft_methods.py": 65, "tests/serving/test_serve.py": 64,
+    "tests/bench/test_bench_gpu.py": 50, "tests/bench/test_bench_trainer_cpu.py": 40,
 }
 
 

@@ -1,5 +1,5 @@
 """clip: a CLIP built from model.init learns the generated captioned shapes (text-to-image recall@1 and
-zero-shot accuracy on held-out images); what it writes loads with CLIPModel and CLIPProcessor; LoRA
+zero-shot accuracy on held-out images), as examples/clip-tiny.yaml runs with `kubetune run`; what it writes loads with CLIPModel and CLIPProcessor; LoRA
 and QLoRA train only the adapters on both towers' attention; bad rows stop the stage before training;
 2 processes (plain data parallel and DeepSpeed ZeRO-2) follow the loss curve of 1."""
 
@@ -14,23 +14,26 @@ import pytest
 import torch
 from kubetune.api import StageRun
 from kubetune_trainer.recipes.clip import build, hold_logit_scale
-from trainer_helpers import Trainer, report, weights
+from trainer_helpers import Trainer, report, run_example, weights
 
 # Image stages take no maxLength (a text-only hyperparameter): clear the text tests' default.
 HP = {"maxLength": None, "batchSize": 64, "loggingSteps": 100, "saveSteps": 100000}
-# Both towers 2 blocks of width 64; 32x32 images in 8x8 patches; a 400-token BPE trained on the captions.
+# Both towers 2 blocks of width 64; 32x32 images in 8x8 patches; a 400-token BPE trained on the captions
+# (examples/clip-tiny.yaml's model.init).
 CLIP = {"architecture": "clip", "hiddenSize": 64, "numLayers": 2, "numHeads": 4, "imageSize": 32, "patchSize": 8,
         "tokenizer": {"train": {"vocabSize": 400}}}
-STEPS = 1200
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    """The captioned shapes as `python -m kubetune_trainer.data.synthetic` writes them (2,000 to train on, 256 held
+    out) in data/ of a folder that examples/clip-tiny.yaml runs in; the other tests' stages go to tests/ there."""
     from kubetune_trainer.data.synthetic_images import make_shapes
 
-    paths = make_shapes(tmp_path_factory.mktemp("shapes"), seed=0, size=32, n_train=2000, n_val=256)
+    folder = tmp_path_factory.mktemp("clip-tiny")
+    paths = make_shapes(folder / "data", seed=0, size=32, n_train=2000, n_val=256)
     data = {"shapes/train": paths["shapes/train.jsonl"], "shapes/validation": paths["shapes/validation.jsonl"]}
-    return Trainer(data, tmp_path_factory.mktemp("clip-runs"))
+    return Trainer(data, folder / "tests")
 
 
 def clip_run(trainer: Trainer, name: str, steps: int, lr: float, **extra: Any) -> dict[str, Any]:
@@ -41,11 +44,14 @@ def clip_run(trainer: Trainer, name: str, steps: int, lr: float, **extra: Any) -
 
 @pytest.fixture(scope="module")
 def learned(shapes: Trainer) -> tuple[Path, dict[str, Any]]:
-    """CLIP from model.init, trained in full on the shapes: the learning proof and the base of LoRA."""
-    run = clip_run(shapes, "init", STEPS, 2e-3, init=CLIP)
-    metrics = shapes.train(run)
-    report("clip (from model.init, full)", metrics)
-    return Path(run["outputUri"]), metrics
+    """examples/clip-tiny.yaml run as a user runs it (`kubetune run`): CLIP from model.init (CLIP above), 1,200 steps
+    in full on the shapes. The learning proof of the stage type and of the example, and the base of LoRA."""
+    folder = shapes.root.parent
+    run_example("clip-tiny", folder)
+    out = folder / "runs" / "clip-tiny" / "shapes"
+    metrics = json.loads((out / "metrics.json").read_text())
+    report("clip (examples/clip-tiny.yaml: from model.init, full)", metrics)
+    return out, metrics
 
 
 @pytest.mark.slow
@@ -59,6 +65,7 @@ def test_clip_from_scratch_learns_captioned_shapes(learned: tuple[Path, dict[str
     assert after["zeroShotAccuracy"] >= 0.9
     assert after["textToImageRecallAt5"] >= after["textToImageRecallAt1"]
     assert {"textToImageRecallAt1Before", "zeroShotAccuracy", "imageToTextRecallAt5"} <= set(metrics["metrics"])
+    assert (out / "processor_config.json").exists() and (out / "tokenizer.json").exists()
 
     # what the stage wrote loads as a server would, and ranks the right caption first
     from transformers import CLIPModel, CLIPProcessor

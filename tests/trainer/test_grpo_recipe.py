@@ -1,6 +1,6 @@
 """GRPO: the built-in rewards on hand-made answers, and the learning proof: from an SFT model
 stopped early (partly right on held-out prompts), GRPO with the exact-match reward raises
-held-out exact match by at least 0.15 (measured: +0.19, 0.29 -> 0.48)."""
+held-out exact match by at least 0.10 (measured: +0.145, 0.29 -> 0.435, in 600 steps)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def test_grpo_raises_exact_match_from_a_partly_right_sft_model(
     assert 0.2 <= start <= 0.7, f"the SFT model should be partly right to start GRPO from, got {start}"
     run = trainer.stage_run(
         "grpo", "grpo", "promptCompletion", "sft", model=early_sft[0], referenceModelUri=str(early_sft[0]),
-        hp={"maxSteps": 1300, "batchSize": 256, "learningRate": 1e-3, "lrSchedulerType": "constant_with_warmup",
-            "warmupRatio": 0.05, "loggingSteps": 20, "saveSteps": 650},
+        hp={"maxSteps": 600, "batchSize": 256, "learningRate": 1e-3, "lrSchedulerType": "constant_with_warmup",
+            "warmupRatio": 0.05, "loggingSteps": 20, "saveSteps": 300},
         grpo={"numGenerations": 16, "maxCompletionLength": 8, "beta": 0.01, "temperature": 1.0,
               "rewardFunctions": ["exactMatch"]},
     )
@@ -76,12 +76,15 @@ def test_grpo_raises_exact_match_from_a_partly_right_sft_model(
     print(f"grpo rl figures: {metrics['rl']}")
     assert metrics["primary"] == "exactMatch"
     assert metrics["before"]["exactMatch"] == pytest.approx(start, abs=1e-9)
-    # 16 prompts a step, 16 samples each at temperature 1.0, KL weight 0.01, 1300 steps: +0.19 (0.29 -> 0.48),
-    # about 6 minutes on 2 CPU cores (transformers 5.24, TRL 1.16). The same budget and seed, other settings:
-    # temperature 0.5 and beta 0.04 (the settings before, +0.18 on earlier versions) +0.135; temperature 1.0, beta 0.04
-    # +0.165; temperature 0.7 and beta 0.01 +0.155; temperature 1.0, beta 0.04, learning rate 2e-3 +0.14.
+    # 16 prompts a step, 16 samples each at temperature 1.0, KL weight 0.01, 600 steps: +0.145 (0.29 -> 0.435), about
+    # 5 minutes on 2 CPU cores (transformers 5.24, TRL 1.16). Held-out exact match of one 1300-step run's checkpoints
+    # (2026-12-03): 0.365 at 200 steps, 0.435 at 300, 0.44-0.47 from 400 to 1300 (0.45 at the end): the gain is made
+    # by step 400, and runs of the same settings differ by about 0.03. This test ran 1300 steps with a bar of 0.15
+    # until then (+0.19 when it was set; +0.16 on 2026-12-03), twice the time for a gain within that spread.
+    # The same budget and seed, other settings (1300 steps): temperature 0.5 and beta 0.04 +0.135; temperature 1.0,
+    # beta 0.04 +0.165; temperature 0.7 and beta 0.01 +0.155; temperature 1.0, beta 0.04, learning rate 2e-3 +0.14.
     # Earlier, with 8 samples and 800 steps +0.14; numIterations 2 +0.10 at 800 and 1200 steps.
-    assert metrics["after"]["exactMatch"] - metrics["before"]["exactMatch"] >= 0.15
+    assert metrics["after"]["exactMatch"] - metrics["before"]["exactMatch"] >= 0.10
     rl = metrics["rl"]
     assert rl["rewardLast"] > rl["rewardFirst"]
     assert 0.0 <= rl["klLast"] < 1.0  # the policy stayed near the reference

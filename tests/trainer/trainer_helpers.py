@@ -101,6 +101,22 @@ def report(title: str, metrics: dict[str, Any]) -> None:
           f"trainLoss={metrics['trainLoss']} steps={metrics['globalStep']} sample={metrics['sample']}")
 
 
+def run_example(example: str, folder: Path) -> float:
+    """`kubetune run <example>.yaml` as a user runs it: examples/<example>.yaml copied into `folder`, which holds the
+    generated data/ it reads (relative to the file), writing runs/<job>/<stage> there. Returns the CPU seconds it took."""
+    import resource
+    import shutil
+
+    shutil.copy(Path(__file__).resolve().parents[2] / "examples" / f"{example}.yaml", folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", f"{example}.yaml"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files in a folder."""
     from safetensors.torch import load_file

@@ -1,7 +1,8 @@
 """clip: a CLIP built from model.init learns the generated captioned shapes (text-to-image recall@1 and
-zero-shot accuracy on held-out images), as examples/clip-tiny.yaml runs with `kubetune run`; what it writes loads with CLIPModel and CLIPProcessor; LoRA
-and QLoRA train only the adapters on both towers' attention; bad rows stop the stage before training;
-2 processes (plain data parallel and DeepSpeed ZeRO-2) follow the loss curve of 1."""
+zero-shot accuracy on held-out images), as examples/clip-tiny.yaml runs with `kubetune run`; what it writes
+loads with CLIPModel and CLIPProcessor; LoRA and QLoRA train only the adapters on both towers' attention; bad
+rows stop the stage before training; 2 processes (plain data parallel and DeepSpeed ZeRO-2) follow the loss
+curve of 1."""
 
 from __future__ import annotations
 

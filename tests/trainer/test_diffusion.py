@@ -1,8 +1,9 @@
 """diffusion: clip -> diffusion on the generated captioned digits ("a handwritten seven"), as
-examples/vision-tiny.yaml runs with `kubetune run`: the held-out noise-prediction loss falls, and a digit classifier (the imageClassification proof's ResNet) reads the
-digit each held-out caption asks for in the images the trained pipeline generates; what the stage writes
-loads with plain `DiffusionPipeline.from_pretrained`; fine-tuning that pipeline changes every UNet weight
-(full) or only the adapters on its attention (LoRA); bad rows stop the stage before training."""
+examples/vision-tiny.yaml runs with `kubetune run`: the held-out noise-prediction loss falls, and a digit
+classifier (the example's ResNet, as the imageClassification proof's) reads the digit each held-out caption
+asks for in the images the trained pipeline generates; what the stage writes loads with plain
+`DiffusionPipeline.from_pretrained`; fine-tuning that pipeline changes every UNet weight (full) or only the
+adapters on its attention (LoRA); bad rows stop the stage before training."""
 
 from __future__ import annotations
 

@@ -102,8 +102,9 @@ def report(title: str, metrics: dict[str, Any]) -> None:
 
 
 def run_example(example: str, folder: Path) -> float:
-    """`kubetune run <example>.yaml` as a user runs it: examples/<example>.yaml copied into `folder`, which holds the
-    generated data/ it reads (relative to the file), writing runs/<job>/<stage> there. Returns the CPU seconds it took."""
+    """`kubetune run <example>.yaml` as a user runs it: examples/<example>.yaml copied into `folder`, which holds
+    the generated data/ it reads (relative to the file), writing runs/<job>/<stage> there. Returns the CPU
+    seconds it took."""
     import resource
     import shutil
 

@@ -615,3 +615,26 @@ def test_a_tick_the_api_server_refuses_is_logged_on_one_line_and_tried_again(
     assert refused == ['FineTuneJob timer tick failed, will retry at the next tick: finetunejob=team/job '
                        '(403 Forbidden) finetunejobs.kubetune.io "job" is forbidden: User "x"']
     assert all(r.exc_info is None for r in caplog.records)  # no traceback whose lines lose the "will retry"
+
+
+def test_the_pytorchjob_index_keeps_what_a_reconcile_reads_and_nothing_the_training_operator_rewrites() -> None:
+    """The index holds every stage's PyTorchJob, finished ones too: it keeps their conditions, times,
+    owners, labels and suspension, not the pod template nor the replica counts and selectors."""
+    from kubetune.controllers.pipeline import restarted_at
+
+    pj = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+          "metadata": {"name": "j-sft", "namespace": "team", "uid": "pj-uid", "resourceVersion": "7",
+                       "labels": {"app.kubernetes.io/managed-by": "kubetune"}, "managedFields": [{"manager": "x"}],
+                       "ownerReferences": [{"kind": "FineTuneJob", "name": "j", "uid": "j-uid"}]},
+          "spec": {"runPolicy": {"suspend": False},
+                   "pytorchReplicaSpecs": {"Master": {"template": {"spec": {"containers": [{"name": "pytorch"}]}}}}},
+          "status": {"conditions": [{"type": "Restarting", "status": "True", "reason": "PyTorchJobRestarting",
+                                     "message": "restarting", "lastTransitionTime": "2026-12-03T10:00:00Z"}],
+                     "startTime": "2026-12-03T09:00:00Z",
+                     "replicaStatuses": {"Master": {"active": 1, "selector": "training.kubeflow.org/job-name=j-sft"}},
+                     "lastReconcileTime": "2026-12-03T10:00:01Z"}}
+    entry = finetunejob.pytorchjobs_by_owner(body=kopf.Body(pj), namespace="team")
+    kept = entry[("team", "j-uid")]
+    assert set(kept["status"]) == {"conditions", "startTime"} and kept["spec"] == {"runPolicy": {"suspend": False}}
+    assert set(kept["metadata"]) == {"name", "namespace", "uid", "labels", "ownerReferences"}
+    assert finetunejob._seen(kept) == finetunejob._seen(pj) and restarted_at(kept) == "2026-12-03T10:00:00Z"

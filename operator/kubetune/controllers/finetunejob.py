@@ -285,8 +285,9 @@ _safety_net = SAFETY_NET_TICKS * POLL_SECONDS
 @kopf.index(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
 def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """The stages' PyTorchJobs by their FineTuneJob: (namespace, job uid) -> what a reconcile reads of
-    each (name, uid, labels, annotations, owners, runPolicy, status; not the pod templates, which
-    at a thousand jobs would be most of the operator's memory). kopf keeps it from the PyTorchJob
+    each (name, uid, labels, annotations, owners, runPolicy, and of the status the conditions and
+    times; not the pod templates, which at a thousand jobs would be most of the operator's memory,
+    nor the replica counts and selectors the training-operator rewrites on every pass). kopf keeps it from the PyTorchJob
     watch and starts no handler before it holds every PyTorchJob, so a reconcile reads its job's
     stages here instead of listing them (a list of a custom resource by label is a read of every
     PyTorchJob in the namespace from etcd, on every reconcile: quadratic in the jobs). It trails
@@ -303,8 +304,11 @@ def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> di
     return {(namespace or "", uid): {
         "apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept,
         "spec": {"runPolicy": copy.deepcopy(spec.get("runPolicy") or {})},
-        "status": copy.deepcopy(dict(body.get("status") or {})),
+        "status": {k: copy.deepcopy(v) for k, v in (body.get("status") or {}).items() if k in CHILD_STATUS},
     }}
+
+
+CHILD_STATUS = ("conditions", "startTime", "completionTime")  # what a reconcile reads of a PyTorchJob's status
 
 
 CHILDREN = "pytorchjobs_by_owner"  # kopf passes each index to every handler by its function's name

@@ -374,8 +374,9 @@ class Figures:
     throttled_seconds: float = math.nan
     control_plane_cpu: tuple[float, float] = (math.nan, math.nan)  # phase 1, phase 2
     operator_phase2_cpu: float = math.nan
-    drain_seconds: tuple[float, float] = (math.nan, math.nan)  # phase 1, phase 2: the training-operator's requests after
-    # the last Succeeded (its Events, behind its rate limit), counted in the phase's requests, not in its seconds
+    # phase 1, phase 2: how long the training-operator's requests went on after the last Succeeded (its Events,
+    # behind its rate limit), counted in the phase's requests, not in its seconds
+    drain_seconds: tuple[float, float] = (math.nan, math.nan)
     cores_busy: tuple[float, float] = (math.nan, math.nan)  # the machine's, averaged over phase 1, phase 2
     triggers: dict[str, float] = field(default_factory=dict)  # the operator's reconciles of phases 2 and 3 by trigger
     training_operator: tuple[TrainingOperatorCounts, TrainingOperatorCounts] = (
@@ -703,9 +704,9 @@ kubetune not running; phase 2 N one-stage FineTuneJobs (which render the same Py
 phase 3 N two-stage FineTuneJobs. Objects are created by 8 threads at once; times are when the
 benchmark's own watches saw each event. Each phase starts once the training-operator has sent no
 request for 5 s: its Events fall behind its rate limit under a burst, and the ones a phase left
-unsent would otherwise be written in, and slow, the next. Goals (issue 16): ratio >= 1.0 at N = 1,000, hand-off
-p50 <= 1 s, peak RSS <= 150 MiB at 1,000 FineTuneJobs and 2,000 PyTorchJobs, <= 3 requests per
-reconcile in steady state.
+unsent would otherwise be written in, and slow, the next. Goals (issue 16): ratio >= 1.0 at
+N = 1,000, hand-off p50 <= 1 s, peak RSS <= 150 MiB at 1,000 FineTuneJobs and 2,000 PyTorchJobs,
+<= 3 requests per reconcile in steady state.
 """
 
 

@@ -287,13 +287,13 @@ def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> di
     """The stages' PyTorchJobs by their FineTuneJob: (namespace, job uid) -> what a reconcile reads of
     each (name, uid, labels, annotations, owners, runPolicy, and of the status the conditions and
     times; not the pod templates, which at a thousand jobs would be most of the operator's memory,
-    nor the replica counts and selectors the training-operator rewrites on every pass). kopf keeps it from the PyTorchJob
-    watch and starts no handler before it holds every PyTorchJob, so a reconcile reads its job's
-    stages here instead of listing them (a list of a custom resource by label is a read of every
-    PyTorchJob in the namespace from etcd, on every reconcile: quadratic in the jobs). It trails
-    the API server by the watch's delay (seconds, under a burst of a thousand jobs): a stage's
-    newer state arrives with the event that reconciles its job again, and `_stages_of` lists
-    the job's PyTorchJobs when a stage the status names is not here yet."""
+    nor the replica counts and selectors the training-operator rewrites on every pass). kopf keeps
+    it from the PyTorchJob watch and starts no handler before it holds every PyTorchJob, so a
+    reconcile reads its job's stages here instead of listing them (a list of a custom resource by
+    label is a read of every PyTorchJob in the namespace from etcd, on every reconcile: quadratic in
+    the jobs). It trails the API server by the watch's delay (seconds, under a burst of a thousand
+    jobs): a stage's newer state arrives with the event that reconciles its job again, and
+    `_stages_of` lists the job's PyTorchJobs when a stage the status names is not here yet."""
     meta = body.get("metadata") or {}
     uid = next((ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "FineTuneJob"), None)
     if not uid:

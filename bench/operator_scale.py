@@ -437,7 +437,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
         create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
         wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
         fig.direct_seconds = max(seen.succeeded.values()) - t0
-        fig.drain_seconds = (settle(training_operator, log=log), math.nan)
+        direct_drain = settle(training_operator, log=log)
         direct_wall = (wall0, time.time())
         direct_cp, direct_busy, direct_to = cluster_cpu() - cp0, cores_busy_since(t0, busy0), to_counts() - to0
     log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
@@ -460,7 +460,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
         created = create_all(api, FTJ, ftj_ns, [finetunejob(f"k{i}", 1) for i in range(n)])
         wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
         fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
-        fig.drain_seconds = (fig.drain_seconds[0], settle(training_operator, log=log))
+        fig.drain_seconds = (direct_drain, settle(training_operator, log=log))
         fig.phase_times = (direct_wall, (wall0, time.time()))
         fig.training_operator = (direct_to, to_counts() - to0)
         fig.control_plane_cpu = (direct_cp, cluster_cpu() - cp0)

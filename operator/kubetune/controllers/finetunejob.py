@@ -282,6 +282,9 @@ SAFETY_NET_TICKS = 6
 _safety_net = SAFETY_NET_TICKS * POLL_SECONDS
 
 
+CHILD_STATUS = ("conditions", "startTime", "completionTime")  # what a reconcile reads of a PyTorchJob's status
+
+
 @kopf.index(*PYTORCHJOBS, labels={LABEL_MANAGED_BY: MANAGED_BY})
 def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """The stages' PyTorchJobs by their FineTuneJob: (namespace, job uid) -> what a reconcile reads of
@@ -300,15 +303,12 @@ def pytorchjobs_by_owner(body: kopf.Body, namespace: str | None, **_: Any) -> di
         return {}
     kept = {k: copy.deepcopy(meta[k]) for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences")
             if k in meta}
-    spec = body.get("spec") or {}
+    spec, status = body.get("spec") or {}, body.get("status") or {}
     return {(namespace or "", uid): {
         "apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept,
         "spec": {"runPolicy": copy.deepcopy(spec.get("runPolicy") or {})},
-        "status": {k: copy.deepcopy(v) for k, v in (body.get("status") or {}).items() if k in CHILD_STATUS},
+        "status": {k: copy.deepcopy(status[k]) for k in CHILD_STATUS if k in status},
     }}
-
-
-CHILD_STATUS = ("conditions", "startTime", "completionTime")  # what a reconcile reads of a PyTorchJob's status
 
 
 CHILDREN = "pytorchjobs_by_owner"  # kopf passes each index to every handler by its function's name

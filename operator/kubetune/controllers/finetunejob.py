@@ -64,8 +64,12 @@ WAIT_SECONDS = 10.0  # retry delay while a stage waits for its PreferenceDataset
 @kopf.on.resume(*FINETUNEJOBS)
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.update(*FINETUNEJOBS)
-def on_finetunejob(name: str, namespace: str | None, **kwargs: Any) -> None:
-    reconcile(namespace or "", name, children=kwargs.get(CHILDREN))
+def on_finetunejob(name: str, namespace: str | None, body: kopf.Body, **kwargs: Any) -> None:
+    """The job's own change (or the operator's start): reconciled from the body kopf just received,
+    not a fresh read. kopf calls these handlers once the watch has brought its own last patch, so
+    the body is as new as the watch; if anything wrote the job since, the status write (which
+    carries the body's resourceVersion) is refused and kopf runs the handler again on the newer body."""
+    reconcile(namespace or "", name, children=kwargs.get(CHILDREN), received=copy.deepcopy(dict(body)))
 
 
 def _unfinished(status: Mapping[str, Any], **_: Any) -> bool:
@@ -106,7 +110,12 @@ def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
     A stage that runs or waits for its pods is left to its PyTorchJob's events, and looked at (why
     its pods wait) only when nothing reconciled the job for SAFETY_NET_TICKS ticks, and then not
     while the training-operator has not taken its PyTorchJob up (no condition yet: its first
-    status is an event that wakes the job, and until then no pod or Event can say more)."""
+    status is an event that wakes the job, and until then no pod or Event can say more). The wait
+    doubles with each such look that nothing else followed (`_quiet`), up to 2**SAFETY_NET_DOUBLINGS
+    times, as controller-runtime's requeues back off: a thousand jobs queued at a busy
+    training-operator otherwise asked every minute why their pods wait (2.4 looks per job at
+    N = 1,000, each a read of the job, its pods and its Events), slowing the API server they share
+    with the training-operator."""
     if not status.get("conditions"):
         return False
     stages = status.get("stages") or []
@@ -117,7 +126,7 @@ def _due(namespace: str, name: str, uid: str, status: Mapping[str, Any],
     last = _reconciled.get((namespace, name))
     if not waiting or last is None:
         return True
-    if time.monotonic() - last < _safety_net:
+    if time.monotonic() - last < _safety_net * 2 ** min(_quiet.get((namespace, name), 0), SAFETY_NET_DOUBLINGS):
         return False
     indexed = {pj["metadata"]["name"]: pj for pj in _indexed(children, (namespace, uid)) or []}
     return any(n not in indexed or (indexed[n].get("status") or {}).get("conditions") for n in waiting)
@@ -278,7 +287,9 @@ def _seen(pj: dict[str, Any]) -> tuple[Any, ...]:
 # and ticks with nothing new pass.
 _observed: dict[str, tuple[Any, ...]] = {}
 _reconciled: dict[tuple[str, str], float] = {}
+_quiet: dict[tuple[str, str], int] = {}  # the timer's reconciles of each job since another trigger's
 SAFETY_NET_TICKS = 6
+SAFETY_NET_DOUBLINGS = 3  # 1, 2, 4, then every 8 minutes (at the default 10 s ticks)
 _safety_net = SAFETY_NET_TICKS * POLL_SECONDS
 
 
@@ -388,6 +399,7 @@ def on_finetunejob_deleted(name: str, namespace: str | None, uid: str, **_: Any)
     metrics.set_job_conditions(f"{namespace}/{name}", None)
     common.forget("FineTuneJob", namespace, name)
     _reconciled.pop((namespace, name), None)
+    _quiet.pop((namespace, name), None)
 
 
 # --- reconcile ----------------------------------------------------------------------------
@@ -404,13 +416,27 @@ class Scraped:
 
 def reconcile(namespace: str, name: str, *, scrape: bool = False, scraped: Scraped | None = None,
               restarts: dict[str, str] | None = None,
-              children: kopf.Index[tuple[str, str], dict[str, Any]] | None = None, trigger: str = "change") -> None:
+              children: kopf.Index[tuple[str, str], dict[str, Any]] | None = None, trigger: str = "change",
+              received: dict[str, Any] | None = None) -> None:
+    """Reconcile the job as read now, or as `received` from the watch (its own handlers: one read
+    less for each new job in a burst)."""
     with common.locked("FineTuneJob", namespace, name), metrics.reconciling("FineTuneJob", trigger):
         _reconciled.pop((namespace, name), None)
-        body = common.get_custom(FINETUNEJOBS, namespace, name)
+        body = received if received is not None else common.get_custom(FINETUNEJOBS, namespace, name)
         if body is not None and not body["metadata"].get("deletionTimestamp"):
             _reconcile(body, scrape, scraped, restarts, children)
-        _reconciled[(namespace, name)] = time.monotonic()
+        note_reconciled(namespace, name, trigger)
+
+
+def note_reconciled(namespace: str, name: str, trigger: str) -> None:
+    """When the job was last reconciled without an error, and how many of its reconciles in a row
+    were the timer's (what spaces out the safety net's looks, see `_due`)."""
+    key = (namespace, name)
+    _reconciled[key] = time.monotonic()
+    if trigger == "timer":
+        _quiet[key] = _quiet.get(key, 0) + 1
+    else:
+        _quiet.pop(key, None)
 
 
 def _reconcile(body: dict[str, Any], scrape: bool, scraped: Scraped | None = None,

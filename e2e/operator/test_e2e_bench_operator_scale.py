@@ -1,5 +1,6 @@
 """The operator-scale benchmark (bench/operator_scale.py) at N = 3, so it cannot rot: every
-phase runs against this session's cluster and operator, and every figure comes out."""
+phase (the steady state for 20 s) runs against this session's cluster and operator, and every
+figure comes out."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_the_operator_scale_benchmark_measures_every_figure(
 
     fig = operator_scale.measure(admin_api, op, 3, prefix=f"bench-{uuid.uuid4().hex[:5]}", timeout=60,
                                  control_plane=lambda: operator_scale.control_plane_cpu_seconds(cluster.state_dir),
-                                 training_operator=lambda: operator_scale.training_operator_metrics(cluster.state_dir))
+                                 training_operator=lambda: operator_scale.training_operator_metrics(cluster.state_dir),
+                                 steady=20)
 
     assert fig.direct_seconds > 0 and fig.kubetune_seconds > 0 and fig.two_stage_seconds > 0
     assert 0 < fig.create_latency[0] <= fig.create_latency[1] < 60
@@ -45,6 +47,11 @@ def test_the_operator_scale_benchmark_measures_every_figure(
     assert not math.isnan(fig.requests_per_reconcile) and fig.requests_per_reconcile > 0
     # each job: at least its GET, its stage's ConfigMap and PyTorchJob, a status write; kopf's on top
     assert fig.requests_per_job[0] >= fig.requests_per_job[1] >= 4
+    # the steady state: with --progress-interval 1 the timer looks at each of the 3 held jobs 6 s after
+    # its last reconcile (its safety net), which reads the job, its pods and its Events
+    assert fig.steady_seconds >= 20 and fig.steady_triggers["timer"] >= 3, (fig.steady_seconds, fig.steady_triggers)
+    everything, handlers = fig.steady_requests_per_reconcile
+    assert 0 < handlers <= everything, fig.steady_requests_per_reconcile
 
     # --audit's breakdown (a cluster this session started has the training-operator's audit log):
     # each PyTorchJob's pod, Service and status writes, in both phases, with their time in the API server

@@ -15,10 +15,11 @@ after 2 s):
 Figures: seconds until all succeed in 1 and 2, and their ratio (1.0: kubetune costs no
 throughput); FineTuneJob created -> its PyTorchJob created, p50/p95; stage hand-off (stage 1's
 PyTorchJob Succeeded -> stage 2's created), p50/p95; the operator's peak RSS and CPU seconds;
-the operator's API requests per reconcile (phases 2 and 3, and apart the steady state): all of them (the API server's APF counter of the
-`service-accounts` flow schema, which only the operator's ServiceAccount falls in here) and
-its handlers' own (`kubetune_api_requests_total`). Times are when this process saw each
-event on its watches, so they include watch delivery, the same for both sides.
+the operator's API requests per reconcile, of phases 2 and 3 and apart of the steady state: all
+of them (the API server's APF counter of the `service-accounts` flow schema, which only the
+operator's ServiceAccount falls in here) and its handlers' own (`kubetune_api_requests_total`).
+Times are when this process saw each event on its watches, so they include watch delivery, the
+same for both sides.
 """
 
 from __future__ import annotations
@@ -750,9 +751,9 @@ def table(figures: list[Figures]) -> str:
         ("Seconds the handlers' requests waited for the client-side rate limit, summed",
          lambda f: f"{f.throttled_seconds:.0f}"),
         ("Steady state, N held FineTuneJobs Running (--steady): seconds; reconciles per job (the timer's); "
-         "API requests per job a minute", lambda f: f"{f.steady_seconds:.0f}; {f.steady_reconciles / f.n:.2f} "
-         f"({f.steady_triggers.get('timer', math.nan) / f.n:.2f}); {60 * f.steady_requests / f.steady_seconds / f.n:.2f}"
-         if f.steady_seconds else "nan"),
+         "API requests per job a minute", lambda f: (
+             f"{f.steady_seconds:.0f}; {f.steady_reconciles / f.n:.2f} ({f.steady_triggers.get('timer', math.nan) / f.n:.2f}); "
+             f"{60 * f.steady_requests / f.steady_seconds / f.n:.2f}") if f.steady_seconds else "nan"),
         ("Steady state: API requests per reconcile, all / the handlers' own",
          lambda f: " / ".join(f"{v:.2f}" for v in f.steady_requests_per_reconcile) if f.steady_seconds else "nan"),
     ]
@@ -773,8 +774,8 @@ NOTES = """Each N on a fresh local cluster (e2e/cluster/up; KWOK pods succeed 2 
 kubetune not running; phase 2 N one-stage FineTuneJobs (which render the same PyTorchJobs) with
 `kubetune operator --standalone --all-namespaces --no-trainer-progress` and its defaults otherwise;
 phase 3 N two-stage FineTuneJobs; with --steady, phase 4 N one-stage FineTuneJobs whose pods KWOK
-keeps Running, counted over that many seconds once all run (nothing applied meanwhile). Objects are created by 8 threads at once; times are when the
-benchmark's own watches saw each event. Each phase starts once the training-operator has sent no
+keeps Running, counted over that many seconds once all run (nothing applied meanwhile). Objects
+are created by 8 threads at once; times are when the benchmark's own watches saw each event. Each phase starts once the training-operator has sent no
 request for 5 s: its Events fall behind its rate limit under a burst, and the ones a phase left
 unsent would otherwise be written in, and slow, the next. Goals (issue 16): ratio >= 1.0 at
 N = 1,000, hand-off p50 <= 1 s, peak RSS <= 150 MiB at 1,000 FineTuneJobs and 2,000 PyTorchJobs,

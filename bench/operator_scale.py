@@ -317,6 +317,36 @@ class TrainingOperatorCounts:
                                       self.reconciles - other.reconciles, self.errors - other.errors)
 
 
+@dataclass(frozen=True)
+class OperatorCounts:
+    """kubetune's operator's counters at one moment: its API requests (all, by the API server's
+    count; the handlers' own), its reconciles (all, retried, by trigger) and the seconds its
+    handlers waited for the client-side rate limit."""
+
+    requests: float
+    handler_requests: float
+    reconciles: float
+    retries: float
+    throttled_seconds: float
+    triggers: dict[str, float]
+
+    @staticmethod
+    def read(api: client.ApiClient, operator: OperatorProcess) -> OperatorCounts:
+        return OperatorCounts(
+            requests=apiserver_requests(api, OPERATOR_FLOW_SCHEMA),
+            handler_requests=operator.metric("kubetune_api_requests_total"),
+            reconciles=operator.metric("kubetune_reconciles_total"),
+            retries=operator.metric("kubetune_reconciles_total", 'result="retry"'),
+            throttled_seconds=operator.metric("kubetune_api_throttled_seconds_total"),
+            triggers={t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') for t in TRIGGERS})
+
+    def __sub__(self, other: OperatorCounts) -> OperatorCounts:
+        return OperatorCounts(self.requests - other.requests, self.handler_requests - other.handler_requests,
+                              self.reconciles - other.reconciles, self.retries - other.retries,
+                              self.throttled_seconds - other.throttled_seconds,
+                              {t: v - other.triggers[t] for t, v in self.triggers.items()})
+
+
 @dataclass
 class Audited:
     """Requests of one user in the API server's audit log, by verb, resource and subresource, with
@@ -475,12 +505,7 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     if operator is None:
         assert start_operator is not None
         operator = start_operator()
-    requests0 = apiserver_requests(api, OPERATOR_FLOW_SCHEMA)
-    reconciles0 = operator.metric("kubetune_reconciles_total")
-    triggers0 = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') for t in TRIGGERS}
-    retries0 = operator.metric("kubetune_reconciles_total", 'result="retry"')
-    handler0 = operator.metric("kubetune_api_requests_total")
-    throttled0 = operator.metric("kubetune_api_throttled_seconds_total")
+    counts0 = OperatorCounts.read(api, operator)
     cpu0 = operator.cpu_seconds()
 
     log(f"[n={n}] kubetune: {n} one-stage FineTuneJobs")
@@ -511,12 +536,9 @@ def measure(api: client.ApiClient, operator: OperatorProcess | None, n: int, *, 
     log(f"[n={n}] hand-off: all succeeded in {fig.two_stage_seconds:.1f}s")
 
     time.sleep(2)  # the last status writes and Events
-    fig.requests = apiserver_requests(api, OPERATOR_FLOW_SCHEMA) - requests0
-    fig.reconciles = operator.metric("kubetune_reconciles_total") - reconciles0
-    fig.triggers = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') - v for t, v in triggers0.items()}
-    fig.retries = operator.metric("kubetune_reconciles_total", 'result="retry"') - retries0
-    fig.handler_requests = operator.metric("kubetune_api_requests_total") - handler0
-    fig.throttled_seconds = operator.metric("kubetune_api_throttled_seconds_total") - throttled0
+    counts = OperatorCounts.read(api, operator) - counts0
+    fig.requests, fig.handler_requests, fig.reconciles = counts.requests, counts.handler_requests, counts.reconciles
+    fig.retries, fig.throttled_seconds, fig.triggers = counts.retries, counts.throttled_seconds, counts.triggers
     fig.cpu_seconds = operator.cpu_seconds() - cpu0
     fig.peak_rss_mib = operator.peak_rss_mib()
     if steady > 0:
@@ -533,24 +555,18 @@ def measure_steady(api: client.ApiClient, operator: OperatorProcess, fig: Figure
     n = fig.n
     ensure_namespace(api, namespace)
     log(f"[n={n}] steady state: {n} one-stage FineTuneJobs held Running, then {seconds:.0f}s alone")
-    custom = client.CustomObjectsApi(api)
     with watching(api, PJ, namespace) as pjs:
         create_all(api, FTJ, namespace, [finetunejob(f"r{i}", 1, HOLD) for i in range(n)])
         wait_until("the held PyTorchJobs to run", lambda: len(pjs.running) >= n, timeout)
     time.sleep(5)  # the last reconciles the Running conditions woke, and their status writes
-    requests0 = apiserver_requests(api, OPERATOR_FLOW_SCHEMA)
-    reconciles0 = operator.metric("kubetune_reconciles_total")
-    triggers0 = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') for t in TRIGGERS}
-    handler0 = operator.metric("kubetune_api_requests_total")
+    counts0 = OperatorCounts.read(api, operator)
     t0 = time.monotonic()
     time.sleep(seconds)
     fig.steady_seconds = time.monotonic() - t0
-    fig.steady_requests = apiserver_requests(api, OPERATOR_FLOW_SCHEMA) - requests0
-    fig.steady_reconciles = operator.metric("kubetune_reconciles_total") - reconciles0
-    fig.steady_triggers = {t: operator.metric("kubetune_reconciles_total", f'trigger="{t}"') - v
-                           for t, v in triggers0.items()}
-    fig.steady_handler_requests = operator.metric("kubetune_api_requests_total") - handler0
-    custom.delete_collection_namespaced_custom_object(*FTJ[:2], namespace, FTJ[2])
+    counts = OperatorCounts.read(api, operator) - counts0
+    fig.steady_requests, fig.steady_handler_requests = counts.requests, counts.handler_requests
+    fig.steady_reconciles, fig.steady_triggers = counts.reconciles, counts.triggers
+    client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(*FTJ[:2], namespace, FTJ[2])
     log(f"[n={n}] steady state: {fig.steady_reconciles:.0f} reconciles, {fig.steady_requests:.0f} requests")
 
 
